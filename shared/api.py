@@ -1,0 +1,242 @@
+"""The OpenAI-compatible HTTP API, built around any :class:`shared.engine.Engine`.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE streaming),
+``GET /v1/models``, ``GET /health`` (503 while the engine loads). The API owns text: it tokenizes
+prompts, renders chat templates, detokenizes and finds stop strings. Each choice of a request is
+one engine request; a choice stopped by a stop string, and every choice of a client that went
+away, is aborted in the engine at once.
+
+Every client mistake is a 4xx with OpenAI's error object naming the field; the body is parsed
+here (not by FastAPI) so that malformed JSON and wrong types are 400s, not 422s.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from shared import protocol as P
+from shared.engine import Engine, GenerationRequest, ModelInfo
+from shared.errors import RequestError
+from shared.outputs import OutputProcessor, TextDelta
+from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, sse
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or None
+        raise RequestError(f"{field}: {err['msg']}", param=field) from None
+
+
+class _Choice:
+    """One engine request and the output processor that turns its tokens into text."""
+
+    def __init__(self, index: int, req: GenerationRequest, proc: OutputProcessor) -> None:
+        self.index, self.req, self.proc = index, req, proc
+        self.engine_done = False
+
+
+class OpenAIServer:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def info(self) -> ModelInfo:
+        info = self.engine.info()
+        if info is None:
+            raise RequestError("the model is still loading; retry shortly", status=503,
+                               type="service_unavailable")
+        return info
+
+    def _check_model(self, info: ModelInfo, name: str | None) -> None:
+        if name is not None and name != info.name:
+            raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
+                               code="model_not_found")
+
+    def _tokenize(self, info: ModelInfo, prompt: str | list[int], param: str) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            return tuple(info.tokenizer(prompt).input_ids)
+        if not prompt:
+            raise RequestError(f"{param} must not be empty", param=param)
+        if any(not 0 <= t < info.vocab_size for t in prompt):
+            raise RequestError(f"{param}: token ids must be in [0, {info.vocab_size})", param=param)
+        return tuple(prompt)
+
+    def _choices(self, base_id: str, prompts: list[tuple[int, ...]], max_tokens: int | None,
+                 req: P._Common, logprobs: int | None, prompt_param: str) -> list[_Choice]:
+        info, out = self.info(), []
+        for p_idx, ids in enumerate(prompts):
+            limit = P.check_fits(len(ids), max_tokens, info.max_model_len, prompt_param)
+            params = P.sampling_params(req, limit, logprobs)
+            for i in range(req.n):
+                if req.seed is not None and i:
+                    params = P.sampling_params(req.model_copy(update={"seed": req.seed + i}), limit, logprobs)
+                index = p_idx * req.n + i
+                greq = GenerationRequest(f"{base_id}-{index}", ids, params, time.monotonic())
+                out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop)))
+        return out
+
+    async def _run(self, choice: _Choice, queue: asyncio.Queue) -> None:
+        try:
+            async with contextlib.aclosing(self.engine.generate(choice.req)) as events:
+                async for event in events:
+                    choice.engine_done = event.finish_reason is not None
+                    delta = choice.proc.process(event)
+                    await queue.put((choice.index, delta))
+                    if delta.finish_reason is not None:  # the engine's, or a stop string's
+                        break
+        finally:
+            if not choice.engine_done:  # stop string, client gone, or error
+                self.engine.abort(choice.req.request_id)
+            queue.put_nowait((choice.index, None))
+
+    async def _merge(self, choices: list[_Choice]) -> AsyncIterator[tuple[int, TextDelta]]:
+        """All choices' deltas in arrival order; aborts whatever is unfinished on exit."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._run(c, queue)) for c in choices]
+        done = 0
+        try:
+            while done < len(tasks):
+                index, delta = await queue.get()
+                if delta is None:
+                    done += 1
+                    continue
+                yield index, delta
+            for t in tasks:  # surface engine errors
+                t.result()
+        finally:
+            for t in tasks:  # each task's own cleanup aborts its engine request
+                t.cancel()
+
+    async def _respond(self, request: Request, builder: ChunkBuilder, choices: list[_Choice],
+                       prompt_tokens: int, stream: bool, include_usage: bool) -> Any:
+        if stream:
+            return StreamingResponse(self._stream(builder, choices, prompt_tokens, include_usage),
+                                     media_type="text/event-stream")
+        results: dict[int, list[TextDelta]] = {c.index: [] for c in choices}
+
+        async def collect() -> None:
+            async for index, delta in self._merge(choices):
+                results[index].append(delta)
+
+        await _until_disconnect(request, collect())
+        completion = sum(c.proc.num_tokens for c in choices)
+        final = {c.index: (c.proc.text, c.proc.finish_reason, results[c.index]) for c in choices}
+        return JSONResponse(builder.final(final, prompt_tokens, completion))
+
+    async def _stream(self, builder: ChunkBuilder, choices: list[_Choice], prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        if builder.chat:
+            for c in choices:
+                yield sse(builder.role_chunk(c.index))
+        try:
+            async for index, delta in self._merge(choices):
+                if delta.text or delta.finish_reason or delta.logprobs[0] is not None:
+                    yield sse(builder.chunk(index, delta))
+        except Exception as e:  # the stream has begun: report in-band, as OpenAI does
+            yield sse(error_body(f"generation failed: {e}", "server_error", None, 500))
+            return
+        if include_usage:
+            yield sse(builder.usage_chunk(prompt_tokens, sum(c.proc.num_tokens for c in choices)))
+        yield sse("[DONE]")
+
+    async def completions(self, request: Request) -> Any:
+        req: P.CompletionRequest = await _parse(request, P.CompletionRequest)
+        info = self.info()
+        self._check_model(info, req.model)
+        P.check_common(req)
+        logprobs = P.completion_logprobs(req)
+        prompts = [self._tokenize(info, p, "prompt") for p in P.prompt_list(req)]
+        builder = ChunkBuilder(False, info.name, LogprobFormatter(info.tokenizer) if logprobs is not None else None)
+        choices = self._choices(builder.id, prompts, req.max_tokens, req, logprobs, "prompt")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._respond(request, builder, choices, sum(map(len, prompts)), req.stream, include_usage)
+
+    async def chat(self, request: Request) -> Any:
+        req: P.ChatCompletionRequest = await _parse(request, P.ChatCompletionRequest)
+        info = self.info()
+        self._check_model(info, req.model)
+        P.check_common(req)
+        messages = P.chat_messages(req)
+        logprobs = P.chat_logprobs(req)
+        try:
+            text = info.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError, raised for e.g. non-alternating roles
+            raise RequestError(f"messages: {e}", param="messages") from None
+        ids = tuple(info.tokenizer(text, add_special_tokens=False).input_ids)
+        builder = ChunkBuilder(True, info.name, LogprobFormatter(info.tokenizer) if logprobs is not None else None)
+        choices = self._choices(builder.id, [ids], P.chat_max_tokens(req), req, logprobs, "messages")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._respond(request, builder, choices, len(ids), req.stream, include_usage)
+
+    def models(self) -> dict[str, Any]:
+        info = self.info()
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": now(),
+                                            "owned_by": "stepserve", "max_model_len": info.max_model_len}]}
+
+
+async def _until_disconnect(request: Request, work: Any) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (its cleanup aborts the engine)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(engine: Engine) -> FastAPI:
+    server = OpenAIServer(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(engine.start())  # serve /health (503) while loading
+        yield
+        loading.cancel()
+        await engine.shutdown()
+
+    app = FastAPI(title="stepserve", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(RequestError)
+    async def _on_request_error(_: Request, e: RequestError) -> JSONResponse:
+        return _error(e)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = engine.info() is not None
+        return JSONResponse({"status": "ok" if ready else "loading", **engine.stats()},
+                            status_code=200 if ready else 503)
+
+    app.get("/v1/models")(server.models)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat)
+    return app

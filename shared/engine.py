@@ -1,0 +1,65 @@
+"""The Engine protocol: the seam between HTTP (``shared.api``) and inference (each step).
+
+The API turns a request into one :class:`GenerationRequest` per choice and reads
+:class:`TokenEvent` s back; it knows nothing of batching. An engine knows nothing of HTTP or
+text: it works in token ids, and stops on token-level rules (EOS, stop token ids, max_tokens).
+Stop *strings* need text, so the API's output processor finds them and calls :meth:`Engine.abort`,
+the same call it makes when a client disconnects: cancellation is a first-class event.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import AsyncIterator, Protocol
+
+from shared.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token. ``finish_reason`` is set on a request's last event only."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the API needs to know about the served model before any request."""
+
+    name: str
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    max_model_len: int
+    vocab_size: int
+
+
+class Engine(Protocol):
+    async def start(self) -> None:
+        """Load what the engine needs; ``/health`` answers 503 until it returns."""
+
+    def info(self) -> ModelInfo | None:
+        """The served model, or None while loading."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the tokens of one sequence; the last event carries ``finish_reason``."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, stop string found); its iterator then ends.
+
+        Synchronous and non-blocking on purpose: it is called from ``finally`` blocks of tasks
+        that are being cancelled, where nothing may be awaited."""
+
+    def stats(self) -> dict[str, float]:
+        """Counters for ``/health`` and, in later steps, metrics."""
+
+    async def shutdown(self) -> None:
+        """Release threads and memory."""

@@ -1,0 +1,159 @@
+"""OpenAI request schemas and their translation into :class:`SamplingParams`.
+
+Types are checked strictly (``"5"`` is not a number, ``"true"`` is not a boolean); ranges are
+checked by ``SamplingParams`` itself, so an engine built without the API refuses the same values.
+Unknown fields are ignored, as OpenAI-compatible servers do. Defaults follow vLLM: completions
+default to 16 tokens, chat completions to whatever context is left after the prompt.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import RequestError
+from shared.sampling import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 64
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    user: str | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def prompt_list(req: CompletionRequest) -> list[str | list[int]]:
+    """Normalize ``prompt`` to a list of prompts (strings or token-id lists)."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise RequestError("prompt must not be empty", param="prompt")
+    if isinstance(p[0], int):
+        return [list(p)]
+    return list(p)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
+                               param=f"messages[{i}].role")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+    return out
+
+
+def check_common(req: _Common) -> None:
+    if not 1 <= req.n <= MAX_N:
+        raise RequestError(f"n must be in [1, {MAX_N}], got {req.n}", param="n")
+
+
+def sampling_params(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """Build (and so validate) the sampling parameters of one request."""
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=logprobs)
+
+
+def completion_logprobs(req: CompletionRequest) -> int | None:
+    if req.echo:
+        raise RequestError("echo is not supported", param="echo")
+    return req.logprobs
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                               param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def check_fits(prompt_len: int, max_tokens: int | None, max_model_len: int, prompt_param: str) -> int:
+    """Refuse, up front, a prompt that with ``max_tokens`` does not fit the context."""
+    if prompt_len >= max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has {prompt_len} tokens, which leaves no room for a completion.", param=prompt_param)
+    if max_tokens is None:
+        return max_model_len - prompt_len
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    if prompt_len + max_tokens > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+            f"completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
+    return max_tokens

@@ -1,0 +1,6 @@
+from shared.server import run_step
+from step02_queue import __doc__
+from step02_queue.engine import QueueEngine
+
+if __name__ == "__main__":
+    run_step("step02_queue", __doc__, lambda cfg, _: QueueEngine(cfg))
