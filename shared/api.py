@@ -165,7 +165,7 @@ class OpenAIServer:
         P.check_common(req)
         logprobs = P.completion_logprobs(req)
         prompts = [self._tokenize(info, p, "prompt") for p in P.prompt_list(req)]
-        builder = ChunkBuilder(False, info.name, LogprobFormatter(info.tokenizer) if logprobs is not None else None)
+        builder = ChunkBuilder(False, info.name, _formatter(info, req, logprobs))
         choices = self._choices(builder.id, prompts, req.max_tokens, req, logprobs, "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._respond(request, builder, choices, sum(map(len, prompts)), req.stream, include_usage)
@@ -182,7 +182,7 @@ class OpenAIServer:
         except Exception as e:  # jinja2's TemplateError, raised for e.g. non-alternating roles
             raise RequestError(f"messages: {e}", param="messages") from None
         ids = tuple(info.tokenizer(text, add_special_tokens=False).input_ids)
-        builder = ChunkBuilder(True, info.name, LogprobFormatter(info.tokenizer) if logprobs is not None else None)
+        builder = ChunkBuilder(True, info.name, _formatter(info, req, logprobs))
         choices = self._choices(builder.id, [ids], P.chat_max_tokens(req), req, logprobs, "messages")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._respond(request, builder, choices, len(ids), req.stream, include_usage)
@@ -191,6 +191,10 @@ class OpenAIServer:
         info = self.info()
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": now(),
                                             "owned_by": "stepserve", "max_model_len": info.max_model_len}]}
+
+
+def _formatter(info: ModelInfo, req: P._Common, logprobs: int | None) -> LogprobFormatter | None:
+    return None if logprobs is None else LogprobFormatter(info.tokenizer, req.return_tokens_as_token_ids)
 
 
 async def _until_disconnect(request: Request, work: Any) -> None:

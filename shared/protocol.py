@@ -43,6 +43,7 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as "token_id:123"
     user: str | None = None
 
 

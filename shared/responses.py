@@ -32,13 +32,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class LogprobFormatter:
-    """Token strings are each token decoded alone, as vLLM reports them."""
+    """Token strings are each token decoded alone, as vLLM reports them, or with vLLM's
+    ``return_tokens_as_token_ids`` the exact id as ``"token_id:123"``."""
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: object, as_ids: bool = False) -> None:
         self._tok = tokenizer
+        self._as_ids = as_ids
 
     def token(self, token_id: int) -> str:
-        return self._tok.decode([token_id])
+        return f"token_id:{token_id}" if self._as_ids else self._tok.decode([token_id])
 
     def completion(self, deltas: list[TextDelta], text_offset: int) -> dict[str, Any]:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -46,7 +48,10 @@ class LogprobFormatter:
             for tid, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
                 out["tokens"].append(self.token(tid))
                 out["token_logprobs"].append(lp)
-                out["top_logprobs"].append({self.token(t): v for t, v in (top or ())})
+                tops: dict[str, float] = {}
+                for t, v in top or ():  # most likely first; where two tokens read the same, keep it
+                    tops.setdefault(self.token(t), v)
+                out["top_logprobs"].append(tops)
                 out["text_offset"].append(text_offset)
             text_offset += len(d.text)
         return out

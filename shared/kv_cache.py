@@ -1,0 +1,89 @@
+"""KV-cache layouts: where each token's keys and values live, behind one small interface.
+
+Central rule: the cache is plain tensors handed to ``Transformer.forward`` by the caller; the model
+never allocates, resizes or remembers cache memory, and it finds a token's K/V only through a
+*slot*: ``slot = block_tables[seq, pos // block_size] * block_size + pos % block_size``.
+
+:class:`ContiguousKVCache` (step 04) is the simple layout: one preallocated region of ``max_len``
+positions per sequence slot, i.e. a paged cache whose only block is the whole region, so a
+sequence's block table is ``[row]``. It wastes memory: every running sequence reserves
+``max_len`` positions whatever its length, and sliding-window layers keep positions the window no
+longer reads. Step 07's paged cache beats it by handing out small blocks on demand; it implements
+the same three methods (``write``, ``slots``, ``gather``) so the attention code is unchanged.
+
+Left out: allocation policy (which row or block a sequence gets: the scheduler's job), swapping,
+prefix sharing, quantized caches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache layout."""
+
+    block_size: int
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new keys/values ``[T, num_kv_heads, head_dim]`` at ``slot_mapping`` ``[T]``."""
+        ...
+
+    def slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Slots ``[B, L]`` of token ``positions`` ``[B, L]`` of the sequences with ``block_tables``."""
+        ...
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` ``[B, L]``: two ``[B, L, num_kv_heads, head_dim]`` tensors."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContiguousKVCache:
+    """Per layer, K and V shaped ``[max_seqs, max_len, num_kv_heads, head_dim]``.
+
+    Sequence slot ``row`` owns positions ``row * max_len ... row * max_len + max_len - 1`` of the
+    flattened cache; its block table is ``[row]`` and ``block_size == max_len``.
+    """
+
+    k: tuple[torch.Tensor, ...]  # per layer [max_seqs, max_len, num_kv_heads, head_dim]
+    v: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def allocate(cls, num_layers: int, max_seqs: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> ContiguousKVCache:
+        for name, value in (("num_layers", num_layers), ("max_seqs", max_seqs), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        shape = (max_seqs, max_len, num_kv_heads, head_dim)
+        return cls(k=tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)),
+                   v=tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)))
+
+    @property
+    def max_seqs(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]  # max_len: one block per sequence
+
+    def block_table(self, row: int) -> list[int]:
+        """The block table of the sequence that owns cache row ``row``."""
+        if not 0 <= row < self.max_seqs:
+            raise ValueError(f"row: must be in [0, {self.max_seqs}), got {row}")
+        return [row]
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, *t.shape[2:])  # [max_seqs * max_len, num_kv_heads, head_dim]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self._flat(self.k[layer]).index_copy_(0, slot_mapping, k)
+        self._flat(self.v[layer]).index_copy_(0, slot_mapping, v)
+
+    def slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return block_tables[:, :1] * self.block_size + positions  # [B, L]
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._flat(self.k[layer])[slots], self._flat(self.v[layer])[slots]  # [B, L, Hkv, D]

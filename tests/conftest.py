@@ -1,0 +1,85 @@
+"""Shared fixtures: real servers of any step on free ports, started once per session.
+
+``servers(step, model, *flags)`` starts ``python -m <step> --model <model>`` on a free port the
+first time it is asked for, waits for ``/health``, and keeps it for the rest of the session, so
+each (step, model) pair costs one start-up however many tests use it. GPU tests skip without one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("step00_baseline", "step01_loader", "step02_queue")  # the steps built so far, in order
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, step: str, model: str, flags: tuple[str, ...], log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"{step}-{model}-{self.port}.log"
+        cmd = [sys.executable, "-m", step, "--model", model, "--port", str(self.port), "--log-level", "warning", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    started: dict[tuple[str, ...], Server] = {}
+    log_dir = tmp_path_factory.mktemp("server-logs")
+
+    def get(step: str, model: str = "tiny-llama", *flags: str) -> Server:
+        key = (step, model, *flags)
+        if key not in started:
+            started[key] = Server(step, model, flags, log_dir)
+            started[key].wait_ready()
+        return started[key]
+
+    yield get
+    for server in started.values():
+        server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
