@@ -28,6 +28,7 @@ class QueueEngine(LoaderEngine):
         self.running: _Entry | None = None
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self.generated_tokens = 0  # counted by the worker: includes tokens nobody read
 
     async def start(self) -> None:
         await super().start()
@@ -65,6 +66,7 @@ class QueueEngine(LoaderEngine):
             try:
                 async for event in iterate_in_thread(
                         lambda c: generate_tokens(self.load_for_request(), entry.request, c), entry.cancelled):
+                    self.generated_tokens += 1
                     entry.out.put_nowait(event)
             except Exception as e:  # the request fails, the worker goes on
                 entry.out.put_nowait(e)
@@ -73,7 +75,8 @@ class QueueEngine(LoaderEngine):
                 entry.out.put_nowait(_DONE)
 
     def stats(self) -> dict[str, float]:
-        return {"running": int(self.running is not None), "waiting": len(self.waiting)}
+        return {"running": int(self.running is not None), "waiting": len(self.waiting),
+                "generated_tokens": self.generated_tokens}
 
     async def shutdown(self) -> None:
         if self._worker is not None:
