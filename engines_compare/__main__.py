@@ -1,0 +1,49 @@
+"""One entry point, four tools: ``python -m engines_compare {bench,machine,conform,launch} ...``.
+
+Each subcommand's own module parses the rest of the command line and is imported only when
+chosen, so ``bench`` never pays for the conformance suite and ``launch`` never for the client.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "bench": "load generator: latency and throughput of one or more targets",
+    "machine": "CPU, cores, GPU and measured memory copy bandwidth of this machine",
+    "conform": "the shared conformance suite against one or more server URLs",
+    "launch": "start a reference engine (llama.cpp, vLLM) or print its recipe",
+}
+
+
+def _dispatch(command: str, rest: list[str]) -> int:
+    try:
+        if command == "bench":
+            from engines_compare.bench import main
+        elif command == "machine":
+            from engines_compare.machine import main
+        elif command == "conform":
+            from engines_compare.conformance.cli import main
+        else:
+            from engines_compare.launchers import main
+    except ImportError as e:
+        print(f"python -m engines_compare {command}: not available here ({e})", file=sys.stderr)
+        return 1
+    return int(main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m engines_compare", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help in COMMANDS.items():
+        sub.add_parser(name, help=help, add_help=False)
+    # Only the command word is parsed here; everything after it belongs to the subcommand.
+    if not argv or argv[0] not in COMMANDS:
+        ap.parse_args(argv[:1])  # prints usage (or help) and exits
+        return 2
+    return _dispatch(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``python -m engines_compare``: subcommands dispatch to their modules with the rest of argv."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from engines_compare import __main__ as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command,module", [("conform", "engines_compare.conformance.cli"),
+                                            ("launch", "engines_compare.launchers")])
+def test_conform_and_launch_hand_their_arguments_to_the_owning_module(monkeypatch, command, module) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType(module)
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert cli.main([command, "--url", "http://x", "--only", "a"]) == 3
+    assert seen == [["--url", "http://x", "--only", "a"]]
+
+
+def test_a_missing_subcommand_module_is_a_clear_error(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "engines_compare.launchers", None)  # import raises ImportError
+    assert cli.main(["launch", "vllm"]) == 1
+    assert "launch: not available here" in capsys.readouterr().err
+
+
+def test_unknown_or_missing_command_exits_2() -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_machine_command_prints_json_through_python_dash_m() -> None:
+    r = subprocess.run([sys.executable, "-m", "engines_compare", "machine", "--json", "--size-mb", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["cpu_cores"] >= 1 and info["cpu_model"] and info["copy_bandwidth_gbs"] > 0
+    assert len(info["git"]["commit"]) == 40
+
+
+def test_targets_parse_urls_steps_null_and_engines() -> None:
+    from engines_compare.targets import parse_targets
+
+    specs = parse_targets(["http://h:1/,step01_loader", "null", "vllm"])
+    assert [(s.name, s.kind) for s in specs] == [("http://h:1", "url"), ("step01_loader", "step"),
+                                                 ("null", "null"), ("vllm", "engine")]
+    with pytest.raises(ValueError, match="--target"):
+        parse_targets(["not a name!"])
+    with pytest.raises(ValueError, match="--target"):
+        parse_targets([","])
