@@ -14,27 +14,27 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _field(default: Any, help: str, **kw: Any) -> Any:
+def flag_field(default: Any, help: str, **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    model: str = _field("gemma-3-270m", "model alias (gemma-3-270m, tiny-llama, tiny-gemma3), "
+    model: str = flag_field("gemma-3-270m", "model alias (gemma-3-270m, tiny-llama, tiny-gemma3), "
                         "a local Hugging Face directory, or a hub id")
-    dtype: str = _field("auto", "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), "
+    dtype: str = flag_field("auto", "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), "
                         "float32, bfloat16 or float16", choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = _field("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    threads: int = _field(0, "torch CPU threads (0: torch's default). Under a competing load, 1 can beat 2")
-    max_model_len: int = _field(0, "context length limit in tokens (0: the model's own)")
-    served_model_name: str = _field("", "name reported by /v1/models (default: the --model value)")
+    device: str = flag_field("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    threads: int = flag_field(0, "torch CPU threads (0: torch's default). Under a competing load, 1 can beat 2")
+    max_model_len: int = flag_field(0, "context length limit in tokens (0: the model's own)")
+    served_model_name: str = flag_field("", "name reported by /v1/models (default: the --model value)")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = _field("127.0.0.1", "address to listen on")
-    port: int = _field(8000, "port to listen on")
-    log_level: str = _field("info", "uvicorn log level", choices=("debug", "info", "warning", "error"))
+    host: str = flag_field("127.0.0.1", "address to listen on")
+    port: int = flag_field(8000, "port to listen on")
+    log_level: str = flag_field("info", "uvicorn log level", choices=("debug", "info", "warning", "error"))
 
 
 def _flag(name: str) -> str:
