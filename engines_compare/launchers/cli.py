@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,11 +80,22 @@ def print_recipe(name: str, model: str, port: int | None, print_only: bool, opts
     raise EngineUnavailable(f"{name} was not started (recipe printed above)")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_foreground(name: str, s: LaunchSpec) -> int:
-    """Run with the terminal as its output; say when it is ready; Ctrl-C stops its process group."""
+    """Run with the terminal as its output; say when it is ready; Ctrl-C (or SIGTERM/SIGHUP)
+    stops its process group. Returns the engine's exit code, or 0 when stopped by a signal."""
     version = launchers.require_setup(name, s)
     print(f"starting {name} ({version}) at {s.url}\n$ {s.shell()}", flush=True)
     t0 = time.monotonic()
+    # The engine runs in its own session (so stop() can end all its workers), so no terminal
+    # signal reaches it: catch them here and pass the stop on.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     proc = subprocess.Popen(list(s.argv), env={**os.environ, **s.env}, start_new_session=True)
     try:
         while proc.poll() is None and not models_ready(s.url):
@@ -95,3 +107,6 @@ def run_foreground(name: str, s: LaunchSpec) -> int:
     except KeyboardInterrupt:
         stop_process_group(proc, 30.0)
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

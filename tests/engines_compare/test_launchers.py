@@ -9,13 +9,16 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from engines_compare import launchers
-from engines_compare.launchers import common, llamacpp, vllm
+from engines_compare.launchers import cli, common, llamacpp, vllm
 from engines_compare.launchers.common import LaunchSpec, free_port
 
 GUIDE_CMAKE_FLAGS = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
@@ -301,3 +304,23 @@ def test_launch_raises_with_log_tail_when_engine_dies(tmp_path: Path) -> None:
                    {}, free_port(), ready_timeout_s=20)
     with pytest.raises(launchers.EngineStartError, match=r"(?s)exited with code 3.*boom: no such model"):
         common.launch(s, tmp_path / "dies.log")
+
+
+def test_foreground_run_stops_its_engine_on_sigterm(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    s = LaunchSpec("fake", (sys.executable, "-c", FAKE_SERVER, str(port)), {}, port)
+    monkeypatch.setattr(launchers, "require_setup", lambda name, spec: "fake 1.0")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_when_ready() -> None:
+        deadline = time.monotonic() + 20
+        while not common.models_ready(s.url) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    assert cli.run_foreground("fake", s) == 0
+    assert f"starting fake (fake 1.0) at {s.url}" in capsys.readouterr().out
+    assert not common.models_ready(s.url)  # the engine went down with us
+    assert signal.getsignal(signal.SIGTERM) is before
