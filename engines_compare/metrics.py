@@ -13,7 +13,7 @@ metric can be recomputed later from the stored records.
 * Goodput: completed requests meeting every latency target, per second of wall time.
 
 Failed requests are counted and excluded from every latency statistic and token total.
-Statistics are mean, p50, p90, p99 in milliseconds; percentiles interpolate linearly between
+Statistics are mean, p50, p90, p95, p99 in milliseconds; percentiles interpolate linearly between
 order statistics (numpy's default), and an empty sample gives ``None``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 from typing import Sequence
 
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 95, 99)
 
 
 @dataclasses.dataclass(slots=True)
@@ -53,6 +53,7 @@ class Stats:
     mean: float | None
     p50: float | None
     p90: float | None
+    p95: float | None
     p99: float | None
 
 
@@ -106,10 +107,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def stats_ms(values_s: Sequence[float]) -> Stats:
     if not values_s:
-        return Stats(0, None, None, None, None)
+        return Stats(0, None, None, None, None, None)
     ms = [v * 1000.0 for v in values_s]
-    p50, p90, p99 = (percentile(ms, q) for q in PERCENTILES)
-    return Stats(len(ms), sum(ms) / len(ms), p50, p90, p99)
+    p50, p90, p95, p99 = (percentile(ms, q) for q in PERCENTILES)
+    return Stats(len(ms), sum(ms) / len(ms), p50, p90, p95, p99)
 
 
 def parse_goodput(spec: Sequence[str]) -> dict[str, float]:

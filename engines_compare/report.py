@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
-STATS = ("mean", "p50", "p90", "p99")
+STATS = ("mean", "p50", "p90", "p95", "p99")
 RATIO_KEYS = ("output_throughput", "request_throughput", "ttft_p50", "tpot_p50", "e2el_p50")
 
 

@@ -82,6 +82,8 @@ class OpenAIServer:
 
     def _choices(self, base_id: str, prompts: list[tuple[int, ...]], max_tokens: int | None,
                  req: P._Common, logprobs: int | None, prompt_param: str) -> list[_Choice]:
+        """One engine request per prompt and per ``n``; choice ``i`` of a seeded request uses
+        ``seed + i``, so the choices differ but the whole response is reproducible."""
         info, out = self.info(), []
         for p_idx, ids in enumerate(prompts):
             limit = P.check_fits(len(ids), max_tokens, info.max_model_len, prompt_param)
@@ -158,23 +160,29 @@ class OpenAIServer:
             yield sse(builder.usage_chunk(prompt_tokens, sum(c.proc.num_tokens for c in choices)))
         yield sse("[DONE]")
 
-    async def completions(self, request: Request) -> Any:
-        req: P.CompletionRequest = await _parse(request, P.CompletionRequest)
+    async def _begin(self, request: Request, schema: type[P._Common]) -> tuple[Any, ModelInfo]:
+        """Parse and check what every endpoint checks: the body, the model, the common fields."""
+        req = await _parse(request, schema)
         info = self.info()
         self._check_model(info, req.model)
         P.check_common(req)
-        logprobs = P.completion_logprobs(req)
-        prompts = [self._tokenize(info, p, "prompt") for p in P.prompt_list(req)]
-        builder = ChunkBuilder(False, info.name, _formatter(info, req, logprobs))
-        choices = self._choices(builder.id, prompts, req.max_tokens, req, logprobs, "prompt")
+        return req, info
+
+    async def _serve(self, request: Request, req: P._Common, info: ModelInfo, chat: bool,
+                     prompts: list[tuple[int, ...]], max_tokens: int | None, logprobs: int | None) -> Any:
+        builder = ChunkBuilder(chat, info.name, _formatter(info, req, logprobs))
+        choices = self._choices(builder.id, prompts, max_tokens, req, logprobs, "messages" if chat else "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._respond(request, builder, choices, sum(map(len, prompts)), req.stream, include_usage)
 
+    async def completions(self, request: Request) -> Any:
+        req, info = await self._begin(request, P.CompletionRequest)
+        logprobs = P.completion_logprobs(req)
+        prompts = [self._tokenize(info, p, "prompt") for p in P.prompt_list(req)]
+        return await self._serve(request, req, info, False, prompts, req.max_tokens, logprobs)
+
     async def chat(self, request: Request) -> Any:
-        req: P.ChatCompletionRequest = await _parse(request, P.ChatCompletionRequest)
-        info = self.info()
-        self._check_model(info, req.model)
-        P.check_common(req)
+        req, info = await self._begin(request, P.ChatCompletionRequest)
         messages = P.chat_messages(req)
         logprobs = P.chat_logprobs(req)
         try:
@@ -182,10 +190,7 @@ class OpenAIServer:
         except Exception as e:  # jinja2's TemplateError, raised for e.g. non-alternating roles
             raise RequestError(f"messages: {e}", param="messages") from None
         ids = tuple(info.tokenizer(text, add_special_tokens=False).input_ids)
-        builder = ChunkBuilder(True, info.name, _formatter(info, req, logprobs))
-        choices = self._choices(builder.id, [ids], P.chat_max_tokens(req), req, logprobs, "messages")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._respond(request, builder, choices, len(ids), req.stream, include_usage)
+        return await self._serve(request, req, info, True, [ids], P.chat_max_tokens(req), logprobs)
 
     def models(self) -> dict[str, Any]:
         info = self.info()

@@ -34,6 +34,7 @@ def test_summary_matches_hand_computed_values() -> None:
     # TTFT sample [100, 200, 50] ms: sorted [50, 100, 200]
     assert (s.ttft.count, s.ttft.mean, s.ttft.p50) == (3, approx(350 / 3), approx(100))
     assert s.ttft.p90 == approx(100 + 0.8 * 100) and s.ttft.p99 == approx(100 + 0.98 * 100)
+    assert s.ttft.p95 == approx(100 + 0.9 * 100)
     # TPOT sample [75, 100] (the one-token request has none)
     assert (s.tpot.count, s.tpot.mean, s.tpot.p50, s.tpot.p90) == (2, approx(87.5), approx(87.5), approx(97.5))
     # ITL pooled over requests: [50, 100, 100]
