@@ -51,6 +51,10 @@ class HTTPError(Exception):
     pass
 
 
+class StaleConnection(HTTPError):
+    """The server closed a kept-alive connection before sending a byte of the response."""
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection that posts JSON and reads an SSE stream back.
 
@@ -82,6 +86,8 @@ class Connection(asyncio.Protocol):
         if response is not None and not response.future.done():
             if response.until_close:
                 response.future.set_result(None)
+            elif not response.head and response.status == 0:
+                response.future.set_exception(StaleConnection(f"connection closed before any response ({exc or 'EOF'})"))
             else:
                 response.future.set_exception(HTTPError(f"connection closed mid-response ({exc or 'EOF'})"))
 
@@ -91,11 +97,24 @@ class Connection(asyncio.Protocol):
             self._transport = None
 
     async def post_stream(self, body: bytes, rec: RequestRecord, origin: float) -> None:
-        """Send ``body``, then fill ``rec`` from the stream; any failure closes the connection."""
+        """Send ``body``, then fill ``rec`` from the stream; any failure closes the connection.
+
+        A kept-alive connection that the server closed while it was idle (llama-server does after
+        a stream) fails before any byte comes back; like any HTTP client, send once more on a
+        fresh connection. ``rec.start`` keeps the first attempt's time: the client waited for it."""
+        rec.start = time.perf_counter() - origin  # a new connection's set-up counts, as for any client
+        reused = self._transport is not None and not self._transport.is_closing()
+        try:
+            await self._exchange(body, rec, origin)
+        except StaleConnection:
+            if not reused:
+                raise
+            await self._exchange(body, rec, origin)
+
+    async def _exchange(self, body: bytes, rec: RequestRecord, origin: float) -> None:
         head = (f"POST {self.ep.path} HTTP/1.1\r\nHost: {self.ep.host}:{self.ep.port}\r\n"
                 f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        rec.start = time.perf_counter() - origin  # a new connection's set-up counts, as for any client
         loop = asyncio.get_running_loop()
         response = self._response = _Response(_SSEParser(rec, origin), loop.create_future())
         try:
@@ -103,12 +122,17 @@ class Connection(asyncio.Protocol):
                 await loop.create_connection(lambda: self, self.ep.host, self.ep.port, ssl=self.ep.tls or None)
             self._transport.write(head + body)
             await response.future
+        except StaleConnection:
+            self.close()
+            self._response = None
+            raise  # nothing was received: the record is untouched
         except BaseException:
             self.close()
             raise
         finally:
-            self._response = None
-            response.parser.finish(response.status)
+            if self._response is response:
+                self._response = None
+                response.parser.finish(response.status)
         if not response.keep_alive:
             self.close()
 

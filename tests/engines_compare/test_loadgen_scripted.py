@@ -149,3 +149,38 @@ def test_endpoint_parsing() -> None:
     assert Endpoint.parse("https://h") == Endpoint("h", 443, "/v1/completions", True)
     with pytest.raises(ValueError, match="--target"):
         Endpoint.parse("ftp://h")
+
+
+def _closing_server_run(n: int, concurrency: int) -> tuple[list[RequestRecord], list[int]]:
+    """A server that, like llama-server, closes every connection after one streamed response
+    while saying nothing about it (no ``Connection: close``)."""
+    accepted: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        events = [b'data: {"choices":[{"index":0,"text":"a"}]}\n\n'] * 3 + [b"data: [DONE]\n\n"]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for e in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(e), e))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client has its response and sends its next request...
+        writer.close()  # ...on a connection the server now closes unanswered
+
+    async def go() -> list[RequestRecord]:
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        async with srv:
+            return await run_load(Endpoint.parse(f"http://127.0.0.1:{port}"), [_body(3)] * n, [3] * n,
+                                  LoadSpec(concurrency=concurrency))
+    return asyncio.run(go()), accepted
+
+
+def test_a_kept_alive_connection_the_server_closed_is_retried_once_on_a_fresh_one() -> None:
+    records, accepted = _closing_server_run(n=6, concurrency=1)
+    assert [r.error for r in records] == [None] * 6
+    assert all(len(r.chunk_times) == 3 for r in records)
+    assert len(accepted) == 6  # each request ended on a connection of its own
