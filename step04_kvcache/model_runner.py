@@ -1,0 +1,133 @@
+"""The model side of a step: our Transformer, its contiguous KV cache, and one forward per step.
+
+The cache is ``shared.kv_cache.ContiguousKVCache``: ``max_seqs`` rows of ``max_len`` positions,
+allocated once at start-up, one row per running sequence (its block table is ``[row]``). It is
+the simplest layout and deliberately wasteful: every row reserves ``max_len`` positions whatever
+its sequence's length, so ``--max-seqs`` x ``--max-model-len`` must fit in ``--kv-cache-gib``
+(Gemma 3 270M, float32: 36 KiB per token, so its full 32k context for 16 rows would need 19 GiB).
+Step 07's paged cache hands out small blocks on demand instead.
+
+The linear layers run on oneDNN by default on CPU (``--linear-backend``, see
+:func:`use_onednn_linears`): a choice made when the engine is built, the model never checks it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from shared.attention import BatchInputs, build_batch
+from torch import nn
+
+from shared.config import flag_field
+from shared.kv_cache import ContiguousKVCache
+from shared.model import ModelArgs, Transformer
+from shared.models import LoadedModel
+from step04_kvcache.scheduler import SchedulerConfig, SchedulerOutput
+
+log = logging.getLogger("step04_kvcache")
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    kv_cache_gib: float = flag_field(4.0, "memory for the contiguous KV cache in GiB; it holds --max-seqs "
+                                     "rows of --max-model-len positions (without --max-model-len the "
+                                     "context is cut to what fits)")
+    linear_backend: str = flag_field("auto", "matmuls of the linear layers: torch (F.linear, MKL on CPU), "
+                                     "onednn (weights prepacked once; CPU, float32), auto: onednn where it "
+                                     "applies", choices=("auto", "torch", "onednn"))
+
+    def __post_init__(self) -> None:
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` by oneDNN's, with its weight prepacked once (CPU, float32).
+
+    Why: on the 2-core AMD EPYC, MKL's sgemm behind ``F.linear`` is slow for the skinny shapes of
+    decoding ([batch, 640] x [640, 262144] for Gemma's LM head): measured 342 ms at batch 16 vs
+    150 ms with oneDNN, which halves a batch-16 decode step. Same float32 math in another order:
+    logits move by about 1e-4 and greedy tokens stay those of transformers (tested). A tied LM
+    head gets its own packed copy of the embedding (671 MB for Gemma 3 270M).
+    """
+    from torch.utils import mkldnn
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, mkldnn.to_mkldnn(child))
+    return model
+
+
+def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    fits = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if backend == "onednn" and not fits:
+        raise ValueError(f"linear_backend: onednn needs a CPU and float32, got {device.type} and {dtype}")
+    return "onednn" if backend == "onednn" or (backend == "auto" and fits) else "torch"
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+    return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize  # K and V
+
+
+def cache_row_len(model_len: int, explicit: bool, max_seqs: int, bytes_per_token: int, gib: float) -> int:
+    """Positions per cache row: ``model_len`` if ``max_seqs`` rows of it fit in ``gib``, else what fits.
+
+    An explicit ``--max-model-len`` that does not fit is an error; the model's own limit is cut.
+    """
+    fits = int(gib * GIB) // (max_seqs * bytes_per_token)
+    if model_len <= fits:
+        return model_len
+    need = model_len * max_seqs * bytes_per_token / GIB
+    if explicit or fits < 2:
+        raise ValueError(f"max_model_len: {max_seqs} rows of {model_len} tokens need {need:.1f} GiB of KV cache, "
+                         f"more than --kv-cache-gib {gib}: lower --max-model-len or --max-seqs, or raise "
+                         f"--kv-cache-gib")
+    log.warning("context cut from %d to %d tokens: %d contiguous rows of %d would need %.1f GiB "
+                "(--kv-cache-gib %s)", model_len, fits, max_seqs, model_len, need, gib)
+    return fits
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: ContiguousKVCache, device: torch.device) -> None:
+        self.model, self.cache, self.device = model, cache, device
+
+    @classmethod
+    def build(cls, lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig, explicit_len: bool) -> ModelRunner:
+        """Our Transformer over the loaded model's weights (shared, not copied) and the cache."""
+        model = Transformer.from_hf_model(lm.model)
+        if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
+            model = use_onednn_linears(model)
+        a = model.args
+        max_len = cache_row_len(lm.max_model_len, explicit_len, sched.max_seqs, kv_bytes_per_token(a, lm.dtype),
+                                cfg.kv_cache_gib)
+        cache = ContiguousKVCache.allocate(a.num_layers, sched.max_seqs, max_len, a.num_kv_heads, a.head_dim,
+                                           lm.dtype, lm.device)
+        return cls(model, cache, lm.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.block_size
+
+    def prepare(self, out: SchedulerOutput) -> BatchInputs:
+        """Pack the step's new tokens (decodes first) and keep logits only for the sampling rows."""
+        tokens = [[s.last_token_id] for s in out.decodes]
+        tokens += [list(c.seq.prompt_token_ids[c.start:c.start + c.num_tokens]) for c in out.prefills]
+        context = [s.num_computed_tokens for s in out.decodes] + [c.start for c in out.prefills]
+        rows = [s.slot for s in out.decodes] + [c.seq.slot for c in out.prefills]
+        b = build_batch(tokens, context, [self.cache.block_table(r) for r in rows], self.cache.block_size,
+                        self.device)
+        n = len(out.decodes)
+        sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
+        if len(sampling) == len(rows):  # the common case: every row samples; build_batch's indices fit
+            return b
+        index = torch.tensor(sampling, dtype=torch.long, device=self.device)
+        return dataclasses.replace(b, logits_indices=b.logits_indices[index])
+
+    def forward(self, inputs: BatchInputs) -> torch.Tensor:
+        """Logits ``[rows that sample, vocab]``; writes the new tokens' K/V into the cache."""
+        return self.model(inputs.input_ids, inputs.positions, self.cache, inputs.attn_metadata,
+                          inputs.logits_indices)

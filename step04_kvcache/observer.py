@@ -1,0 +1,70 @@
+"""The engine's observer hook: what it reports after every step and every finished request.
+
+Step 05 (metrics) subscribes by passing its own :class:`EngineObserver` to the engine; no step 04
+code path changes. The callbacks run on the engine thread between two steps, so they must be
+short (counters, a histogram observation) and thread-safe if they share state with the event loop.
+Times: ``*_time`` fields are ``time.monotonic()`` instants (``GenerationRequest.arrival_time``'s
+clock); ``*_s`` fields are durations in seconds from ``time.perf_counter()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepStats:
+    time: float  # end of the step
+    num_decode_seqs: int
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    num_sampled: int  # rows that produced a token (decodes and prefills that ended their prompt)
+    num_running: int  # after the step
+    num_waiting: int
+    kv_slots_used: int
+    kv_slots_total: int
+    schedule_s: float  # reap aborted requests, admit, choose the batch
+    prepare_s: float  # build_batch: input ids, positions, attention metadata (once per step)
+    model_s: float  # Transformer.forward (attention plans, layers, LM head on sampling rows)
+    sample_s: float  # the one batched sample() call
+    step_s: float  # the whole step, including bookkeeping and the hand-off to the event loop
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_decode_seqs + self.num_prefill_seqs
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_decode_seqs + self.num_prefill_tokens
+
+    @property
+    def overhead_s(self) -> float:
+        """Everything but the forward pass: the server's cost of this step."""
+        return self.step_s - self.model_s
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestStats:
+    request_id: str
+    arrival_time: float
+    first_token_time: float | None  # None if it never produced a token
+    finish_time: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str  # "stop", "length", "abort" or "error"
+
+
+class EngineObserver(Protocol):
+    def on_step(self, stats: StepStats) -> None: ...
+
+    def on_request_finished(self, stats: RequestStats) -> None: ...
+
+
+class NullObserver:
+    """The default: observes nothing, costs one method call per step and per request."""
+
+    def on_step(self, stats: StepStats) -> None:
+        pass
+
+    def on_request_finished(self, stats: RequestStats) -> None:
+        pass
