@@ -74,6 +74,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules that run tiny models in-process: a second torch thread only adds sync cost,
+    10x and more when another process shares the 2 cores. Restores the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

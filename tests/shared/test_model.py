@@ -9,7 +9,6 @@ window so the window mask is exercised.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,13 +23,7 @@ ATOL = 1e-4
 DECODE_ATOL = 5e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: a second thread only adds sync cost, 10x and more under a competing load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=TINY)

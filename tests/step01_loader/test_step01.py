@@ -9,6 +9,7 @@ import httpx
 from shared.api import build_app
 from shared.config import ModelConfig
 from step01_loader import engine as step01
+from tests.engine_helpers import request
 
 
 def test_health_is_503_until_loaded_then_200() -> None:
@@ -33,16 +34,10 @@ def test_loads_once_for_many_requests(monkeypatch) -> None:
         eng = step01.LoaderEngine(ModelConfig(model="tiny-llama"))
         await eng.start()
         for i in range(3):
-            [e async for e in eng.generate(_req(i))]
+            [e async for e in eng.generate(request(f"r{i}", max_tokens=3))]
 
     asyncio.run(run())
     assert loads == [1]
-
-
-def _req(i: int):
-    from tests.engine_helpers import request
-
-    return request(f"r{i}", max_tokens=3)
 
 
 def test_health_answers_while_a_request_generates(servers) -> None:
