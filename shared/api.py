@@ -29,7 +29,7 @@ from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, ss
 
 
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:

@@ -6,10 +6,12 @@ class RequestError(ValueError):
     """A request the server refuses. ``param`` names the offending field, as OpenAI's errors do."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
         self.type = type
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 429
