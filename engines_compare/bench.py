@@ -16,7 +16,9 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import os
 import secrets
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +50,8 @@ class BenchConfig:
     start_timeout_s: float = 900.0
     progress: bool = True
     measure_bandwidth: bool = True
+    step_flags: tuple[str, ...] = ()
+    priority: int | None = None
 
     def points(self) -> list[loadgen.LoadSpec]:
         closed = [loadgen.LoadSpec(concurrency=c, timeout_s=self.timeout_s) for c in self.concurrency]
@@ -92,6 +96,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for a started target")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ap.add_argument("--step-flags", default="", help="extra flags for started step targets, one string "
+                    "(e.g. '--max-seqs 64 --linear-backend torch')")
+    ap.add_argument("--priority", type=int, default=None, metavar="NICE",
+                    help="autogroup nice (-20..19) for the load generator and every server it starts; "
+                         "-15 keeps other sessions' work from distorting a run on a small machine (needs root)")
     ap.add_argument("--no-bandwidth", dest="measure_bandwidth", action="store_false",
                     help="skip the memory bandwidth measurement")
 
@@ -109,7 +118,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         max_concurrency=a.max_concurrency, seed=a.seed, salt=a.salt, ignore_eos=a.ignore_eos,
         temperature=a.temperature, goodput_ms=tuple(metrics.parse_goodput(a.goodput).items()), out=a.out,
         timeout_s=a.timeout, start_timeout_s=a.start_timeout, progress=a.progress,
-        measure_bandwidth=a.measure_bandwidth)
+        measure_bandwidth=a.measure_bandwidth, step_flags=tuple(shlex.split(a.step_flags)), priority=a.priority)
 
 
 def eos_ids(tok: Any) -> list[int]:
@@ -141,7 +150,8 @@ def _measure(ep: loadgen.Endpoint, bodies: list[bytes], prompts: list[corpus.Pro
 
 def _run_target(cfg: BenchConfig, spec: targets.TargetSpec, prompt_sets: dict[str, list[corpus.Prompt]],
                 eos: list[int], out: Path) -> list[dict[str, Any]]:
-    opts = targets.TargetOptions(cfg.model, cfg.dtype, cfg.start_timeout_s, cfg.workload.output_len[1], out)
+    opts = targets.TargetOptions(cfg.model, cfg.dtype, cfg.start_timeout_s, cfg.workload.output_len[1], out,
+                                 cfg.step_flags, cfg.priority)
     runs = []
     with targets.running(spec, opts) as t:
         ep = loadgen.Endpoint.parse(t.url)
@@ -184,6 +194,8 @@ def run(cfg: BenchConfig) -> tuple[dict[str, Any], Path]:
     from shared.models import load_tokenizer
 
     specs = targets.parse_targets(list(cfg.targets))
+    if cfg.priority is not None and not targets.set_priority(os.getpid(), cfg.priority):
+        print(f"--priority {cfg.priority}: refused (needs root); running at normal priority")
     started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = cfg.out or RESULTS / "local" / started
     out.mkdir(parents=True, exist_ok=True)
