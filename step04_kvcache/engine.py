@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from shared.config import ModelConfig
-from shared.engine import ModelInfo, TokenEvent
-from shared.models import model_info
+from shared.engine import GenerationRequest, ModelInfo, TokenEvent
+from shared.models import LoadedModel, model_info
 from shared.sampling import make_generator, sample
 from step02_queue.engine import DONE, Entry, QueueEngine
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig
@@ -59,8 +59,8 @@ class ContinuousEngine(QueueEngine):
         await super().start()  # step 01: load the weights; step 02: start the _work task
         lm = self.load_for_request()
         explicit = self.cfg.max_model_len > 0
-        self.runner = await asyncio.to_thread(ModelRunner.build, lm, self.sched_cfg, self.runner_cfg, explicit)
-        self.scheduler = Scheduler(self.sched_cfg, self.runner.max_len, lm.eos_token_ids)
+        self.runner = await asyncio.to_thread(self._build_runner, lm, explicit)
+        self.scheduler = self._build_scheduler(self.runner, lm)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="step04-engine", daemon=True)
         self._thread.start()
@@ -69,6 +69,23 @@ class ContinuousEngine(QueueEngine):
 
     def info(self) -> ModelInfo | None:
         return self._ready
+
+    # ---- factory hooks: a later step (step 07's paged cache) overrides these, nothing else ----
+
+    def _build_runner(self, lm: LoadedModel, explicit_len: bool) -> ModelRunner:
+        """The model side: our Transformer and its KV cache (runs off the event loop)."""
+        return ModelRunner.build(lm, self.sched_cfg, self.runner_cfg, explicit_len)
+
+    def _build_scheduler(self, runner: ModelRunner, lm: LoadedModel) -> Scheduler:
+        return Scheduler(self.sched_cfg, runner.max_len, lm.eos_token_ids)
+
+    def _new_sequence(self, r: GenerationRequest) -> Sequence:
+        return Sequence(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
+                        make_generator(r.params, self.runner.device))
+
+    def _token_event(self, seq: Sequence, logprob: Any, top_logprobs: Any) -> TokenEvent:
+        """The event for ``seq``'s newest token."""
+        return TokenEvent(seq.output_token_ids[-1], logprob, top_logprobs, seq.finish_reason)
 
     async def _work(self) -> None:
         """On the event loop: hand each new request to the engine thread."""
@@ -117,9 +134,7 @@ class ContinuousEngine(QueueEngine):
             return True
 
     def _add(self, entry: Entry) -> None:
-        r = entry.request
-        seq = Sequence(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
-                       make_generator(r.params, self.runner.device))
+        seq = self._new_sequence(entry.request)
         try:
             self.scheduler.add(seq)
         except ValueError as e:
@@ -161,7 +176,7 @@ class ContinuousEngine(QueueEngine):
         for k, seq in enumerate(rows):
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            event = TokenEvent(seq.output_token_ids[-1], s.logprobs[k], s.top_logprobs[k], seq.finish_reason)
+            event = self._token_event(seq, s.logprobs[k], s.top_logprobs[k])
             self._outbox.append((self._entries[seq], event))
         self.generated_tokens += len(rows)
         for seq in finished:
