@@ -6,6 +6,9 @@ prompts, renders chat templates, detokenizes and finds stop strings. Each choice
 one engine request; a choice stopped by a stop string, and every choice of a client that went
 away, is aborted in the engine at once.
 
+``X-Request-Id`` (``shared/request_id.py``): a client's id is the base of its engine request ids
+(``<id>-<choice index>``) and is echoed; without one, the response's generated id is echoed.
+
 Every client mistake is a 4xx with OpenAI's error object naming the field; the body is parsed
 here (not by FastAPI) so that malformed JSON and wrong types are 400s, not 422s.
 """
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from shared import protocol as P
 from shared.engine import Engine, GenerationRequest, ModelInfo
 from shared.errors import RequestError
+from shared.request_id import RequestIdMiddleware
 from shared.outputs import OutputProcessor, TextDelta
 from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, sse
 
@@ -50,9 +54,17 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
 class _Choice:
     """One engine request and the output processor that turns its tokens into text."""
 
-    def __init__(self, index: int, req: GenerationRequest, proc: OutputProcessor) -> None:
+    def __init__(self, index: int, req: GenerationRequest, proc: OutputProcessor, first_of_prompt: bool = True) -> None:
         self.index, self.req, self.proc = index, req, proc
+        self.first_of_prompt = first_of_prompt  # usage counts each prompt once, whatever n
         self.engine_done = False
+
+
+def _cached_tokens(choices: list[_Choice]) -> int | None:
+    """Prompt tokens the engine took from its prefix cache (vLLM's ``prompt_tokens_details``),
+    once per prompt like ``prompt_tokens``; None where the engine has no prefix cache."""
+    counts = [c.proc.num_cached_tokens for c in choices if c.first_of_prompt]
+    return None if all(n is None for n in counts) else sum(n or 0 for n in counts)
 
 
 class OpenAIServer:
@@ -93,7 +105,7 @@ class OpenAIServer:
                     params = P.sampling_params(req.model_copy(update={"seed": req.seed + i}), limit, logprobs)
                 index = p_idx * req.n + i
                 greq = GenerationRequest(f"{base_id}-{index}", ids, params, time.monotonic())
-                out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop)))
+                out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop), i == 0))
         return out
 
     async def _run(self, choice: _Choice, queue: asyncio.Queue) -> None:
@@ -142,7 +154,7 @@ class OpenAIServer:
         await _until_disconnect(request, collect())
         completion = sum(c.proc.num_tokens for c in choices)
         final = {c.index: (c.proc.text, c.proc.finish_reason, results[c.index]) for c in choices}
-        return JSONResponse(builder.final(final, prompt_tokens, completion))
+        return JSONResponse(builder.final(final, prompt_tokens, completion, _cached_tokens(choices)))
 
     async def _stream(self, builder: ChunkBuilder, choices: list[_Choice], prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[bytes]:
@@ -157,7 +169,8 @@ class OpenAIServer:
             yield sse(error_body(f"generation failed: {e}", "server_error", None, 500))
             return
         if include_usage:
-            yield sse(builder.usage_chunk(prompt_tokens, sum(c.proc.num_tokens for c in choices)))
+            yield sse(builder.usage_chunk(prompt_tokens, sum(c.proc.num_tokens for c in choices),
+                                          _cached_tokens(choices)))
         yield sse("[DONE]")
 
     async def _begin(self, request: Request, schema: type[P._Common]) -> tuple[Any, ModelInfo]:
@@ -171,7 +184,9 @@ class OpenAIServer:
     async def _serve(self, request: Request, req: P._Common, info: ModelInfo, chat: bool,
                      prompts: list[tuple[int, ...]], max_tokens: int | None, logprobs: int | None) -> Any:
         builder = ChunkBuilder(chat, info.name, _formatter(info, req, logprobs))
-        choices = self._choices(builder.id, prompts, max_tokens, req, logprobs, "messages" if chat else "prompt")
+        request_id = getattr(request.state, "request_id", None) or builder.id
+        request.state.request_id = request_id  # echoed by RequestIdMiddleware
+        choices = self._choices(request_id, prompts, max_tokens, req, logprobs, "messages" if chat else "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._respond(request, builder, choices, sum(map(len, prompts)), req.stream, include_usage)
 
@@ -234,6 +249,7 @@ def build_app(engine: Engine) -> FastAPI:
 
     app = FastAPI(title="stepserve", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(RequestError)
     async def _on_request_error(_: Request, e: RequestError) -> JSONResponse:

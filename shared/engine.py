@@ -30,6 +30,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     finish_reason: str | None = None
+    num_cached_tokens: int | None = None  # prompt tokens taken from a prefix cache (None: no such cache)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

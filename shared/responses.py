@@ -26,9 +26,13 @@ def error_body(message: str, type: str, param: str | None, code: str | int | Non
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` only from engines with a prefix cache."""
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
 
 
 class LogprobFormatter:
@@ -104,13 +108,14 @@ class ChunkBuilder:
             choice["text"] = delta.text
         return self._envelope([choice], chunk=True)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int | None = None) -> dict[str, Any]:
         body = self._envelope([], chunk=True)
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
 
     def final(self, results: dict[int, tuple[str, str | None, list[TextDelta]]], prompt_tokens: int,
-              completion_tokens: int) -> dict[str, Any]:
+              completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
         choices = []
         for index in sorted(results):
             text, finish, deltas = results[index]
@@ -122,5 +127,5 @@ class ChunkBuilder:
                 choice["text"] = text
             choices.append(choice)
         body = self._envelope(choices, chunk=False)
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return body
