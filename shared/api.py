@@ -237,8 +237,9 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def build_app(engine: Engine) -> FastAPI:
-    server = OpenAIServer(engine)
+def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
+    """``server``: an ``OpenAIServer`` subclass built around ``engine`` (step 06 adds admission)."""
+    server = server or OpenAIServer(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

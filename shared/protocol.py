@@ -45,6 +45,9 @@ class _Common(_Strict):
     min_tokens: int = 0
     return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as "token_id:123"
     user: str | None = None
+    # Seconds this request may take, from its arrival (the OpenAI SDK's name and unit for its own
+    # per-request timeout; send it with extra_body). Honoured by step 06 on; earlier steps ignore it.
+    timeout: float | None = None
 
 
 class CompletionRequest(_Common):
