@@ -1,0 +1,20 @@
+from shared.config import from_args
+from shared.server import run_step
+from step04_kvcache.model_runner import RunnerConfig
+from step04_kvcache.scheduler import SchedulerConfig
+from step06_backpressure import __doc__
+from step06_backpressure.admission import AdmissionConfig
+from step06_backpressure.app import LimitsConfig, make_app
+from step06_backpressure.engine import BackpressureEngine
+from step06_backpressure.gate import GateConfig
+
+
+def _engine(cfg, ns):  # type: ignore[no-untyped-def]
+    return BackpressureEngine(cfg, from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns),
+                              admission=from_args(AdmissionConfig, ns))
+
+
+if __name__ == "__main__":
+    # The gate drains first (--drain-timeout); uvicorn's own graceful wait then has little left to do.
+    run_step("step06_backpressure", __doc__, _engine, SchedulerConfig, RunnerConfig, AdmissionConfig,
+             LimitsConfig, GateConfig, make_app=make_app, uvicorn_options=lambda ns: {"timeout_graceful_shutdown": 2})
