@@ -152,6 +152,9 @@ class ContinuousEngine(QueueEngine):
         out = self.scheduler.schedule()
         if out.is_empty:
             return
+        for chunk in out.prefills:  # a prompt's first chunk: its queue time ends (for the observer)
+            if chunk.start == 0:
+                chunk.seq.first_scheduled_time = now
         t1 = time.perf_counter()
         rows = out.sampling_seqs
         try:
@@ -194,7 +197,7 @@ class ContinuousEngine(QueueEngine):
         self._outbox.append((self._entries.pop(seq), DONE))
         self.observer.on_request_finished(RequestStats(
             seq.request_id, seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_prompt_tokens,
-            seq.num_output_tokens, seq.finish_reason or "abort"))
+            seq.num_output_tokens, seq.finish_reason or "abort", seq.first_scheduled_time))
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop: one call, however many requests."""

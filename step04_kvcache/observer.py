@@ -52,6 +52,7 @@ class RequestStats:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: str  # "stop", "length", "abort" or "error"
+    first_scheduled_time: float | None = None  # start of the step that first ran it (None: never ran)
 
 
 class EngineObserver(Protocol):

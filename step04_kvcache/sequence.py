@@ -35,6 +35,7 @@ class Sequence:
     num_computed_tokens: int = 0
     slot: int | None = None  # the KV-cache row it owns while RUNNING
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    first_scheduled_time: float | None = None  # the step that first ran it: its queue time ends
     first_token_time: float | None = None
     finish_time: float | None = None
 
