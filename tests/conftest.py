@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache")  # built so far, in order
+STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
+         "step05_observability")  # built so far, in order
 
 
 def free_port() -> int:
