@@ -7,8 +7,9 @@ its sequence's length, so ``--max-seqs`` x ``--max-model-len`` must fit in ``--k
 (Gemma 3 270M, float32: 36 KiB per token, so its full 32k context for 16 rows would need 19 GiB).
 Step 07's paged cache hands out small blocks on demand instead.
 
-The linear layers run on oneDNN by default on CPU (``--linear-backend``, see
-:func:`use_onednn_linears`): a choice made when the engine is built, the model never checks it.
+The linear layers run on oneDNN with prepacked weights by default on CPU (``--linear-backend``,
+the transform in :mod:`shared.cpu_linear`): a choice made when the engine is built, the model
+never checks it.
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ import logging
 import torch
 
 from shared.attention import BatchInputs, build_batch
-from torch import nn
-
 from shared.config import flag_field
+from shared.cpu_linear import onednn_usable, use_onednn_linears
 from shared.kv_cache import ContiguousKVCache
 from shared.model import ModelArgs, Transformer
 from shared.models import LoadedModel
@@ -36,7 +36,7 @@ class RunnerConfig:
                                      "rows of --max-model-len positions (without --max-model-len the "
                                      "context is cut to what fits)")
     linear_backend: str = flag_field("auto", "matmuls of the linear layers: torch (F.linear, MKL on CPU), "
-                                     "onednn (weights prepacked once; CPU, float32), auto: onednn where it "
+                                     "onednn (weights prepacked once, shared.cpu_linear; CPU, float32), auto: onednn where it "
                                      "applies", choices=("auto", "torch", "onednn"))
 
     def __post_init__(self) -> None:
@@ -44,26 +44,8 @@ class RunnerConfig:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
 
 
-def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` by oneDNN's, with its weight prepacked once (CPU, float32).
-
-    Why: on the 2-core AMD EPYC, MKL's sgemm behind ``F.linear`` is slow for the skinny shapes of
-    decoding ([batch, 640] x [640, 262144] for Gemma's LM head): measured 342 ms at batch 16 vs
-    150 ms with oneDNN, which halves a batch-16 decode step. Same float32 math in another order:
-    logits move by about 1e-4 and greedy tokens stay those of transformers (tested). A tied LM
-    head gets its own packed copy of the embedding (671 MB for Gemma 3 270M).
-    """
-    from torch.utils import mkldnn
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, mkldnn.to_mkldnn(child))
-    return model
-
-
 def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    fits = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    fits = onednn_usable(device, dtype)
     if backend == "onednn" and not fits:
         raise ValueError(f"linear_backend: onednn needs a CPU and float32, got {device.type} and {dtype}")
     return "onednn" if backend == "onednn" or (backend == "auto" and fits) else "torch"

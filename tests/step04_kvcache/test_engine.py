@@ -81,7 +81,7 @@ def test_every_request_equals_batch1_transformers_whatever_the_batch_and_arrival
             await eng.shutdown()
 
     results = asyncio.run(run())
-    assert type(eng.runner.model.lm_head).__name__ == ("Linear" if backend == "torch" else "MkldnnLinear")
+    assert type(eng.runner.model.lm_head).__name__ == ("Linear" if backend == "torch" else "OneDNNLinear")
     for (rid, ids, n, eos, _), events in zip(jobs, results):
         ref = reference_greedy(model, ids, n, stop_at_eos=eos)[0]
         assert [e.token_id for e in events] == ref, f"{model} {rid}: prompt {len(ids)}, max_tokens {n}"
