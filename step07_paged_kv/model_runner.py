@@ -1,0 +1,104 @@
+"""Step 04's model runner over a paged cache: one pool of blocks sized by bytes, not by rows.
+
+The pool's size is ``--num-kv-blocks`` if given, else the bytes of ``--kv-cache-memory-fraction``
+of the memory available at start-up, else ``--kv-cache-gib`` (step 04's flag, same default: the
+two steps compare at the same KV memory budget). A sequence may grow to the model's context or to
+the whole pool, whichever is smaller; how many run at once is up to the blocks they really use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+
+from shared.attention import BatchInputs, build_batch
+from shared.config import flag_field
+from shared.model import Transformer
+from shared.models import LoadedModel
+from step04_kvcache.model_runner import (GIB, ModelRunner, RunnerConfig, kv_bytes_per_token,
+                                         resolve_linear_backend, use_onednn_linears)
+from step04_kvcache.scheduler import SchedulerOutput
+from step07_paged_kv.paged_cache import PagedKVCache
+
+log = logging.getLogger("step07_paged_kv")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PagedCacheConfig:
+    block_size: int = flag_field(16, "tokens per KV block")
+    num_kv_blocks: int = flag_field(0, "blocks in the KV pool (0: as many as --kv-cache-memory-fraction or "
+                                    "--kv-cache-gib holds)")
+    kv_cache_memory_fraction: float = flag_field(0.0, "size the KV pool as this fraction of the memory "
+                                                 "available at start-up (0: use --kv-cache-gib)")
+    enable_prefix_caching: bool = flag_field(True, "share cached full blocks between sequences with the same "
+                                             "prefix and skip their prefill")
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks < 0:
+            raise ValueError(f"num_kv_blocks must be >= 0, got {self.num_kv_blocks}")
+        if not 0 <= self.kv_cache_memory_fraction < 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in [0, 1), got {self.kv_cache_memory_fraction}")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free now: the GPU's, or the host's MemAvailable-like figure."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pool_blocks(cfg: PagedCacheConfig, runner: RunnerConfig, block_bytes: int, device: torch.device) -> int:
+    if cfg.num_kv_blocks:
+        return cfg.num_kv_blocks
+    if cfg.kv_cache_memory_fraction:
+        return int(cfg.kv_cache_memory_fraction * available_memory(device)) // block_bytes
+    return int(runner.kv_cache_gib * GIB) // block_bytes
+
+
+class PagedModelRunner(ModelRunner):
+    def __init__(self, model: Transformer, cache: PagedKVCache, device: torch.device, max_len: int) -> None:
+        super().__init__(model, cache, device)  # type: ignore[arg-type]  (any KVCache works)
+        self._max_len = max_len
+
+    @classmethod
+    def build(cls, lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig,  # type: ignore[override]
+              explicit_len: bool) -> PagedModelRunner:
+        model = Transformer.from_hf_model(lm.model)
+        if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
+            model = use_onednn_linears(model)
+        a, bs = model.args, cache_cfg.block_size
+        num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, lm.dtype) * bs, lm.device)
+        if num_blocks < 2:
+            raise ValueError(f"num_kv_blocks: the KV pool holds {num_blocks} blocks of {bs} tokens; need >= 2")
+        max_len = min(lm.max_model_len, num_blocks * bs)
+        if explicit_len and max_len < lm.max_model_len:
+            raise ValueError(f"max_model_len: {lm.max_model_len} tokens do not fit in the KV pool "
+                             f"({num_blocks} blocks of {bs}): raise --kv-cache-gib or lower --max-model-len")
+        if max_len < lm.max_model_len:
+            log.warning("context cut from %d to %d tokens: the whole KV pool", lm.max_model_len, max_len)
+        cache = PagedKVCache.allocate(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, lm.dtype, lm.device)
+        log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, cache.num_bytes / GIB)
+        return cls(model, cache, lm.device, max_len)
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    def prepare(self, out: SchedulerOutput) -> BatchInputs:
+        """Step 04's packing, with each sequence's block table and prompt-or-output tokens
+        (a recomputed sequence prefills its generated tokens too)."""
+        tokens = [[s.last_token_id] for s in out.decodes]
+        tokens += [c.seq.token_ids(c.start, c.start + c.num_tokens) for c in out.prefills]
+        context = [s.num_computed_tokens for s in out.decodes] + [c.start for c in out.prefills]
+        tables = [s.block_table for s in out.decodes] + [c.seq.block_table for c in out.prefills]
+        b = build_batch(tokens, context, tables, self.cache.block_size, self.device)
+        n = len(out.decodes)
+        sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
+        if len(sampling) == len(tables):
+            return b
+        index = torch.tensor(sampling, dtype=torch.long, device=self.device)
+        return dataclasses.replace(b, logits_indices=b.logits_indices[index])

@@ -1,0 +1,47 @@
+"""Step 07 over HTTP: cached prompt tokens in usage (vLLM/OpenAI's ``prompt_tokens_details``),
+KV usage in blocks, preemptions and prefix-cache counters on /health, exact under a tiny pool."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+
+from tests.helpers import prompt_ids, reference_greedy, server_greedy
+
+STEP = "step07_paged_kv"
+TINY_POOL = ("--block-size", "4", "--num-kv-blocks", "24", "--max-seqs", "4", "--max-num-batched-tokens", "16")
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(servers) -> None:
+    url = servers(STEP, "tiny-llama", "--block-size", "4").url
+    prompt = "A long shared system prompt, the same for every request: " * 2
+    n = len(prompt_ids("tiny-llama", prompt))
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0}
+    first = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    second = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"] == n
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4}
+    health = httpx.get(url + "/health").json()
+    assert health["prefix_cache_hits"] >= 2 * ((n - 1) // 4 * 4) and health["kv_block_size"] == 4
+    assert health["kv_slots_used"] == 0 and health["kv_slots_total"] > 0
+
+
+def test_concurrent_requests_through_a_tiny_pool_are_preempted_and_exact(servers) -> None:
+    url = servers(STEP, "tiny-gemma3", *TINY_POOL).url
+    prompts = [prompt_ids("tiny-gemma3", f"request number {i}: tell me more about the sea") for i in range(6)]
+
+    def one(ids: list[int]) -> tuple[list[int], list[int]]:
+        return server_greedy(url, ids, 40, stop_at_eos=False)[0], reference_greedy("tiny-gemma3", ids, 40, False)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, prompts))
+    assert all(got == ref for got, ref in results)
+    health = httpx.get(url + "/health").json()
+    assert health["num_preemptions"] > 0 and health["kv_slots_total"] == 24 and health["kv_slots_used"] == 0
