@@ -4,8 +4,8 @@
 before the response starts (so that each refusal is a proper HTTP status, also for streams):
 
 1. limits: a prompt longer than ``--max-prompt-tokens`` or a ``max_tokens`` above
-   ``--max-output-tokens`` is a 400 naming the field; a request without ``max_tokens`` (chat)
-   gets at most ``--max-output-tokens``;
+   ``--max-output-tokens`` is a 400 naming the field; a request that gives no ``max_tokens``
+   gets at most ``--max-output-tokens`` (not a 400 for the API's default);
 2. the deadline: the request's ``timeout`` field (seconds; checked > 0) rides on the engine
    request (``TimedRequest``), else the engine applies ``--request-timeout``;
 3. admission: all the request's choices enter the engine's backlog together, or it is a 429.
@@ -54,7 +54,8 @@ class BackpressureServer(OpenAIServer):
             if lim.max_prompt_tokens and len(ids) > lim.max_prompt_tokens:
                 raise RequestError(f"{prompt_param}: {len(ids)} tokens; this server accepts prompts of at most "
                                    f"{lim.max_prompt_tokens} tokens", param=prompt_param)
-        if lim.max_output_tokens and max_tokens is not None and max_tokens > lim.max_output_tokens:
+        asked = req.model_fields_set & {"max_tokens", "max_completion_tokens"}  # not the API's default
+        if lim.max_output_tokens and asked and max_tokens is not None and max_tokens > lim.max_output_tokens:
             raise RequestError(f"max_tokens must be <= {lim.max_output_tokens} on this server, got {max_tokens}",
                                param="max_tokens")
         if req.timeout is not None and not req.timeout > 0:
@@ -62,7 +63,7 @@ class BackpressureServer(OpenAIServer):
         choices = super()._choices(base_id, prompts, max_tokens, req, logprobs, prompt_param)
         for c in choices:
             params = c.req.params
-            if lim.max_output_tokens and params.max_tokens > lim.max_output_tokens:  # no max_tokens given
+            if lim.max_output_tokens and params.max_tokens > lim.max_output_tokens:  # a default, not asked
                 params = dataclasses.replace(params, max_tokens=lim.max_output_tokens)
             c.req = TimedRequest(c.req.request_id, c.req.prompt_token_ids, params, c.req.arrival_time, req.timeout)
         self.engine.backlog.admit([c.req for c in choices])  # the 429, if any, is raised here

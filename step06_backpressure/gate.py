@@ -68,9 +68,11 @@ class Outbox:
         self._items: collections.deque[Message] = collections.deque()
         self._more = asyncio.Event()
         self._closed = False
+        self._stalled = False  # the pump waits for the socket: the client is not reading
 
     async def put(self, message: Message) -> None:  # the app's ``send``
-        if message["type"] == "http.response.body" and len(self._items) >= self._limit:
+        # Only while the socket is stalled: a step's burst (n choices) may briefly exceed the limit.
+        if self._stalled and message["type"] == "http.response.body" and len(self._items) >= self._limit:
             raise SlowReader(f"the client is {len(self._items)} chunks behind")
         self._items.append(message)
         self._more.set()
@@ -86,7 +88,9 @@ class Outbox:
                 self._more.clear()
                 await self._more.wait()
                 continue
+            self._stalled = True  # seen by put() only if the send below really waits
             await self._send(self._items.popleft())
+            self._stalled = False
 
 
 def _refusal(status: int, message: str, type: str, code: str, retry_after: int | None = None) -> JSONResponse:

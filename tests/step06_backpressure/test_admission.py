@@ -1,0 +1,150 @@
+"""The backlog's rules and the engine's deadline rule, without a server."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from shared.config import ModelConfig, build_parser, from_args
+from shared.errors import RequestError
+from shared.sampling import SamplingParams
+from step02_queue.engine import DONE, Entry
+from step04_kvcache.scheduler import Scheduler, SchedulerConfig
+from step04_kvcache.sequence import Sequence
+from step06_backpressure import admission
+from step06_backpressure.admission import AdmissionConfig, Backlog
+from step06_backpressure.app import LimitsConfig
+from step06_backpressure.engine import BackpressureEngine, DeadlineExceeded, TimedRequest
+from step06_backpressure.gate import GateConfig
+
+
+def req(rid: str, n_tokens: int = 10, timeout: float | None = None, max_tokens: int = 50) -> TimedRequest:
+    return TimedRequest(rid, tuple(range(2, 2 + n_tokens)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                        time.monotonic(), timeout)
+
+
+def test_admits_within_both_bounds_and_refuses_beyond_with_429() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=3, max_waiting_prompt_tokens=25, retry_after=7))
+    b.admit([req("a"), req("b")])
+    with pytest.raises(RequestError) as e:  # 20 + 10 tokens > 25
+        b.admit([req("c")])
+    assert (e.value.status, e.value.code, e.value.type) == (429, "server_overloaded", "rate_limit_error")
+    assert e.value.headers == {"Retry-After": "7"}
+    b.admit([req("d", 5)])  # 25 tokens: fits exactly
+    assert b.overloaded() and (b.num_requests, b.num_tokens, b.refused) == (3, 25, 1)
+
+
+def test_a_request_with_several_choices_is_admitted_or_refused_whole() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=3))
+    b.admit([req("x")])
+    with pytest.raises(RequestError):
+        b.admit([req("y-0"), req("y-1"), req("y-2")])
+    assert b.num_requests == 1
+
+
+def test_an_empty_backlog_admits_even_a_request_beyond_the_bounds() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=1, max_waiting_prompt_tokens=5))
+    b.admit([req("big", 100), req("big2", 100)])
+    assert b.num_tokens == 200
+    with pytest.raises(RequestError):
+        b.admit([req("small", 1)])
+
+
+def test_leaving_frees_room_and_is_idempotent() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=1))
+    a = req("a")
+    b.admit([a])
+    assert b.claim(a) and not b.claim(req("a"))  # another object with the same id was never admitted
+    b.leave(a)
+    b.leave(a)
+    assert (b.num_requests, b.num_tokens) == (0, 0)
+    b.admit([req("b")])
+
+
+def test_unclaimed_reservations_are_released_and_claimed_ones_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = Backlog(AdmissionConfig())
+    claimed, unclaimed, stale = req("c"), req("u"), req("s")
+    b.admit([claimed, unclaimed])
+    b.claim(claimed)
+    b.release_unclaimed([claimed, unclaimed])
+    assert b.num_requests == 1  # the claimed one waits on in the engine
+    b.admit([stale])
+    monkeypatch.setattr(admission, "STALE_S", -1.0)  # every unclaimed reservation is now stale
+    b.admit([req("new")])
+    assert b.num_requests == 2 and not b.claim(stale)
+
+
+def test_step06_settings_are_flags_and_checked() -> None:
+    ns = build_parser("step06", "", AdmissionConfig, LimitsConfig, GateConfig).parse_args(
+        ["--max-waiting-requests", "4", "--max-waiting-prompt-tokens", "99", "--request-timeout", "2.5",
+         "--max-prompt-tokens", "64", "--max-output-tokens", "8", "--max-body-bytes", "100",
+         "--max-buffered-chunks", "3", "--drain-timeout", "1"])
+    assert from_args(AdmissionConfig, ns) == AdmissionConfig(4, 99, 1, 2.5)
+    assert from_args(LimitsConfig, ns) == LimitsConfig(64, 8)
+    assert from_args(GateConfig, ns) == GateConfig(100, 3, 1.0)
+    for bad in (lambda: AdmissionConfig(max_waiting_requests=0), lambda: AdmissionConfig(request_timeout=-1),
+                lambda: GateConfig(max_buffered_chunks=0), lambda: LimitsConfig(max_prompt_tokens=-1)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def _engine_with(seqs: list[tuple[Sequence, TimedRequest]], default_timeout: float = 0.0) -> BackpressureEngine:
+    """An engine whose thread state is set by hand: the deadline rule alone, no model, no thread."""
+    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), admission=AdmissionConfig(request_timeout=default_timeout))
+    engine.scheduler = Scheduler(SchedulerConfig(max_seqs=2, max_num_batched_tokens=16), 64, ())
+    for seq, r in seqs:
+        engine.scheduler.add(seq)
+        engine._entries[seq] = Entry(r, asyncio.Queue(), threading.Event())
+    return engine
+
+
+def _seq(r: TimedRequest, arrival: float) -> Sequence:
+    return Sequence(r.request_id, r.prompt_token_ids, r.params, arrival)
+
+
+def test_deadline_before_the_first_token_fails_the_request_and_frees_its_row() -> None:
+    r = req("late", timeout=1.0)
+    seq = _seq(r, time.monotonic() - 2.0)
+    engine = _engine_with([(seq, r)])
+    engine.scheduler.schedule()  # it takes a row and starts its prefill
+    assert engine.scheduler.num_used_slots == 1
+    engine._expire(time.monotonic())
+    items = [item for _, item in engine._outbox]
+    assert isinstance(items[0], DeadlineExceeded) and items[0].status == 504 and items[1] is DONE
+    assert engine.scheduler.num_used_slots == 0 and not engine._entries and engine.deadlines_exceeded == 1
+
+
+def test_deadline_while_generating_makes_the_next_token_the_last_with_length() -> None:
+    own, default = req("own", 5, timeout=1.0, max_tokens=50), req("default", 5, max_tokens=50)
+    s_own, s_default = _seq(own, time.monotonic() - 2.0), _seq(default, time.monotonic() - 2.0)
+    engine = _engine_with([(s_own, own), (s_default, default)], default_timeout=1.5)
+    out = engine.scheduler.schedule()
+    engine.scheduler.update(out, [7, 7])  # both have their first token
+    engine._expire(time.monotonic())
+    assert s_own.params.max_tokens == 2 and s_default.params.max_tokens == 2 and not engine._outbox
+    out = engine.scheduler.schedule()
+    finished = engine.scheduler.update(out, [8, 8])
+    assert {s.finish_reason for s in finished} == {"length"} and len(finished) == 2
+
+
+def test_no_deadline_without_a_timeout() -> None:
+    r = req("free", max_tokens=50)
+    seq = _seq(r, time.monotonic() - 1e6)
+    engine = _engine_with([(seq, r)])
+    engine._expire(time.monotonic())
+    assert seq.params.max_tokens == 50 and not engine._outbox and engine.timeout_of(r) is None
+
+
+def test_engine_generate_refuses_when_its_backlog_is_full() -> None:
+    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), admission=AdmissionConfig(max_waiting_requests=1))
+    engine.backlog.admit([req("queued")])
+
+    async def first() -> None:
+        async for _ in engine.generate(req("refused")):
+            pass
+
+    with pytest.raises(RequestError, match="overloaded"):
+        asyncio.run(first())
+    assert engine.backlog.num_requests == 1

@@ -1,0 +1,176 @@
+"""Step 06 over HTTP, on a real server: refusals, deadlines, disconnect storms, a slow reader, and a
+short overload run through the harness. Counts and behaviours only, never timings."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import signal
+import socket
+import time
+from typing import Any
+
+import httpx
+
+from engines_compare import loadgen
+
+STEP, MODEL = "step06_backpressure", "tiny-llama"
+FLAGS = ("--max-seqs", "10", "--max-waiting-requests", "3", "--max-waiting-prompt-tokens", "2000",
+         "--max-buffered-chunks", "8", "--threads", "1")
+LONG = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+
+
+def server(servers: Any) -> str:
+    return servers(STEP, MODEL, *FLAGS).url
+
+
+def wait_idle(url: str, timeout: float = 60.0) -> dict[str, Any]:
+    """/ready once nothing runs, waits or is buffered: every row and every reservation is back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(url + "/ready", timeout=10).json()
+        idle = (r["kv_slots_used"], r["running"], r["waiting"], r["admission_waiting_requests"],
+                r["admission_waiting_prompt_tokens"], r["in_flight"]) == (0, 0, 0, 0, 0, 0)
+        if idle or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
+def raw_post(url: str, body: dict[str, Any], path: str = "/v1/completions", rcvbuf: int | None = None) -> socket.socket:
+    """Send a request on a plain socket and return it unread (a client that may never read)."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def assert_refusal(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and "type" in err and "param" in err, err
+    if status in (429, 503):
+        assert int(r.headers["retry-after"]) >= 1
+
+
+def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(servers) -> None:
+    url = server(servers)
+    wait_idle(url)
+    with httpx.Client(timeout=120) as c:  # fill every row, so the burst can only wait or be refused
+        blockers = [raw_post(url, {**LONG, "n": 10})]
+        while c.get(url + "/ready").json()["kv_slots_used"] < 10:
+            time.sleep(0.02)
+
+        def one(i: int) -> httpx.Response:
+            return httpx.post(url + "/v1/completions", json={"prompt": f"{i} hi", "max_tokens": 4, "temperature": 0},
+                              timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(12)))
+        for s in blockers:
+            s.close()
+    done = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    for r in refused:
+        assert_refusal(r, 429, "server_overloaded")
+    for r in done:
+        assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 4
+    # The backlog holds 3 while the rows are busy: at least 9 of 12 are refused at once.
+    assert len(refused) >= 9 and len(done) + len(refused) == 12, [r.status_code for r in responses]
+    assert wait_idle(url)["refused_requests"] >= 9
+
+
+def test_deadline_before_the_first_token_is_an_error_504(servers) -> None:
+    url = server(servers)
+    wait_idle(url)
+    blocker = raw_post(url, {**LONG, "n": 10})
+    try:
+        while httpx.get(url + "/ready").json()["kv_slots_used"] < 10:
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "timeout": 0.2}, timeout=60)
+        assert_refusal(r, 504, "deadline_exceeded")
+        assert r.json()["error"]["param"] == "timeout"
+    finally:
+        blocker.close()
+    assert wait_idle(url)["deadlines_exceeded"] >= 1
+
+
+def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None:
+    url = server(servers)
+    wait_idle(url)
+    before = httpx.get(url + "/ready").json()["generated_tokens"]
+    socks = [raw_post(url, {**LONG, "stream": bool(i % 2), "prompt": f"{i} storm"}) for i in range(24)]
+    time.sleep(0.3)  # some run, some wait, some were refused
+    for s in socks[:12]:  # half of them go at once, the rest after reading a little
+        s.close()
+    for s in socks[12:]:
+        s.settimeout(30)
+        s.recv(64)
+        s.close()
+    after = wait_idle(url)
+    assert (after["kv_slots_used"], after["running"], after["admission_waiting_requests"]) == (0, 0, 0), after
+    assert after["generated_tokens"] - before < 24 * 480 // 2, "the disconnected requests ran on"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_slow_reader_does_not_stall_others_and_is_aborted_at_its_bound(servers) -> None:
+    url = server(servers)
+    wait_idle(url)
+    before = httpx.get(url + "/ready").json().get("slow_reader_aborts", 0)
+    # Chat chunks with 20 top logprobs are ~1.6 KB: 8 choices outgrow the kernel's socket buffers.
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 470, "ignore_eos": True, "n": 8,
+            "stream": True, "logprobs": True, "top_logprobs": 20}
+    slow = raw_post(url, body, "/v1/chat/completions", rcvbuf=2048)  # and never reads
+    try:
+        others = [httpx.post(url + "/v1/completions", json={"prompt": f"{i} other", "max_tokens": 40,
+                                                            "ignore_eos": True}, timeout=120) for i in range(2)]
+        assert [r.json()["usage"]["completion_tokens"] for r in others] == [40, 40]
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/ready").json().get("slow_reader_aborts", 0) == before:
+            assert time.monotonic() < deadline, "the slow reader was never aborted"
+            time.sleep(0.05)
+        idle = wait_idle(url)  # while the slow client is still connected, reading nothing
+        assert idle["kv_slots_used"] == 0 and idle["generated_tokens"] > 0, idle
+    finally:
+        slow.close()
+
+
+def test_short_overload_every_request_completes_or_is_refused_fast(servers) -> None:
+    """The benchmark's overload run in small: an open-loop burst far above what the server holds."""
+    url = server(servers)
+    wait_idle(url)
+    n = 60
+    bodies = [json.dumps({"prompt": f"{i} overload", "max_tokens": 24, "ignore_eos": True, "stream": True,
+                          "stream_options": {"include_usage": True}}).encode() for i in range(n)]
+    spec = loadgen.LoadSpec(request_rate=200.0, seed=1, timeout_s=120)
+    records = asyncio.run(loadgen.run_load(loadgen.Endpoint.parse(url), bodies, [24] * n, spec))
+    complete = [r for r in records if r.ok and r.output_tokens == 24]
+    refused = [r for r in records if r.status in (429, 503) and '"error"' in (r.error or "")]
+    assert len(complete) + len(refused) == n, [(r.status, r.error) for r in records if r not in complete + refused]
+    assert complete and refused, (len(complete), len(refused))
+    assert wait_idle(url)["kv_slots_used"] == 0
+
+
+def test_sigterm_drains_the_running_stream_to_its_end_then_exits(tmp_path) -> None:
+    from tests.conftest import Server
+
+    srv = Server(STEP, MODEL, ("--threads", "1", "--drain-timeout", "60"), tmp_path)
+    try:
+        srv.wait_ready()
+        body = {**LONG, "max_tokens": 200, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
+        assert first and json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 200  # all of it
+        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert "draining: 1 requests in flight" in srv.log.read_text()
+    finally:
+        srv.stop()
