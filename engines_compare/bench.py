@@ -16,9 +16,12 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import math
 import os
 import secrets
 import shlex
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +43,7 @@ class BenchConfig:
     concurrency: tuple[int, ...] = ()
     request_rate: tuple[float, ...] = ()
     max_concurrency: int | None = None
+    duration_s: float | None = None  # open loop: requests per point = rate x duration (else num_requests)
     seed: int = 0
     salt: str = ""  # opens every prompt tag; default: random per run, so no run reuses a cache
     ignore_eos: bool = True
@@ -58,6 +62,11 @@ class BenchConfig:
         opened = [loadgen.LoadSpec(request_rate=r, max_concurrency=self.max_concurrency, seed=self.seed,
                                    timeout_s=self.timeout_s) for r in self.request_rate]
         return closed + opened or [loadgen.LoadSpec(concurrency=1, timeout_s=self.timeout_s)]
+
+    def requests_at(self, point: loadgen.LoadSpec) -> int:
+        if point.request_rate and self.duration_s:
+            return max(1, math.ceil(point.request_rate * self.duration_s))
+        return self.num_requests
 
 
 def _list(kind: type, flag: str) -> Any:
@@ -86,6 +95,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--request-rate", type=_list(float, "--request-rate"), default=(),
                     help="open loop: Poisson arrivals per second (seeded); a list sweeps")
     ap.add_argument("--max-concurrency", type=int, default=None, help="open loop: cap on requests in flight")
+    ap.add_argument("--duration", type=float, default=None, metavar="S",
+                    help="open loop: send rate x S requests per rate point instead of --num-requests "
+                         "(e.g. an overload run: --request-rate 10 --duration 60)")
     ap.add_argument("--seed", type=int, default=0, help="prompt lengths, passages and arrivals (default: 0)")
     ap.add_argument("--salt", default="", help="prompt tag prefix (default: random, so caches never hit)")
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
@@ -110,12 +122,14 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
                                corpus.parse_range("--output-len", a.output_len), a.prefix_len, a.seed)
     if a.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {a.num_requests}")
+    if a.duration is not None and a.duration <= 0:
+        raise ValueError(f"--duration must be > 0 seconds, got {a.duration}")
     if a.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
     return BenchConfig(
         targets=tuple(a.target), model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, workload=workload,
         num_requests=a.num_requests, warmup=a.warmup, concurrency=a.concurrency, request_rate=a.request_rate,
-        max_concurrency=a.max_concurrency, seed=a.seed, salt=a.salt, ignore_eos=a.ignore_eos,
+        max_concurrency=a.max_concurrency, duration_s=a.duration, seed=a.seed, salt=a.salt, ignore_eos=a.ignore_eos,
         temperature=a.temperature, goodput_ms=tuple(metrics.parse_goodput(a.goodput).items()), out=a.out,
         timeout_s=a.timeout, start_timeout_s=a.start_timeout, progress=a.progress,
         measure_bandwidth=a.measure_bandwidth, step_flags=tuple(shlex.split(a.step_flags)), priority=a.priority)
@@ -163,13 +177,61 @@ def _run_target(cfg: BenchConfig, spec: targets.TargetSpec, prompt_sets: dict[st
         for point in cfg.points():
             prompts = prompt_sets[point.label()]
             bodies = [request_body(cfg, t.model_id, p, eos) for p in prompts]
-            records = _measure(ep, bodies, prompts, point, f"{spec.name} {point.label()}", cfg.progress)
+            with ServerMemory(t.pid) as memory:
+                records = _measure(ep, bodies, prompts, point, f"{spec.name} {point.label()}", cfg.progress)
             summary = metrics.summarize(records, dict(cfg.goodput_ms) or None)
             runs.append({"target": spec.name, "kind": spec.kind, "url": t.url, "model_id": t.model_id,
                          "engine_version": t.version, "dtype": t.dtype, "point": point.label(),
                          "load": dataclasses.asdict(point), "summary": dataclasses.asdict(summary),
-                         "requests": [_record_dict(r) for r in records]})
+                         "memory": memory.result(), "requests": [_record_dict(r) for r in records]})
     return runs
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """A process's resident memory (``VmRSS`` in ``/proc/PID/status``), None where unreadable."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class ServerMemory:
+    """A started server's RSS before a load point, its peak during it (sampled every
+    ``interval_s``), and after it, once ``settle_s`` have let the server finish its cleanup."""
+
+    def __init__(self, pid: int | None, interval_s: float = 0.5, settle_s: float = 2.0) -> None:
+        self.pid, self.interval_s, self.settle_s = pid, interval_s, settle_s
+        self.before = self.after = self.peak = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ServerMemory:
+        self.before = self.peak = rss_mib(self.pid)
+        if self.before is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = rss_mib(self.pid)
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            time.sleep(self.settle_s)
+            self.after = rss_mib(self.pid)
+
+    def result(self) -> dict[str, float | None]:
+        return {"rss_before_mib": self.before, "rss_peak_mib": self.peak, "rss_after_mib": self.after}
 
 
 def _record_dict(r: metrics.RequestRecord) -> dict[str, Any]:
@@ -184,7 +246,7 @@ def build_prompt_sets(cfg: BenchConfig, tok: Any, salt: str) -> dict[str, list[c
     text = corpus.load_corpus()
     sets = {"warmup": corpus.build_prompts(cfg.workload, tok, max(cfg.warmup, 1), f"{salt}-w", text)}
     for i, point in enumerate(cfg.points()):
-        sets[point.label()] = corpus.build_prompts(cfg.workload, tok, cfg.num_requests, f"{salt}-{i}", text)
+        sets[point.label()] = corpus.build_prompts(cfg.workload, tok, cfg.requests_at(point), f"{salt}-{i}", text)
     return sets
 
 

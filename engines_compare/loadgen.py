@@ -264,6 +264,7 @@ class _SSEParser:
         """Close the record: its end time, any error, and its token count."""
         rec = self.rec
         rec.end = time.perf_counter() - self.origin
+        rec.status = status or None
         if rec.error is None and status != 200:
             rec.error = f"HTTP {status}: {self.buf[:300].decode(errors='replace')}" if status else "no HTTP response"
         elif rec.error is None and not rec.chunk_times:

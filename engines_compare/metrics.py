@@ -13,6 +13,9 @@ metric can be recomputed later from the stored records.
 * Goodput: completed requests meeting every latency target, per second of wall time.
 
 Failed requests are counted and excluded from every latency statistic and token total.
+Refused requests (HTTP 429 or 503: the server turned the work away, as step 06 does under
+overload) are counted apart from failures, with their own latency (end minus start): a refusal is
+the server's answer, a failure is a request lost.
 Statistics are mean, p50, p90, p95, p99 in milliseconds; percentiles interpolate linearly between
 order statistics (numpy's default), and an empty sample gives ``None``.
 """
@@ -23,6 +26,7 @@ import math
 from typing import Sequence
 
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+REFUSAL_STATUSES = (429, 503)
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -39,10 +43,15 @@ class RequestRecord:
     usage_reported: bool = False
     expected_output_tokens: int | None = None
     error: str | None = None
+    status: int | None = None  # the HTTP status, None without a response
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.chunk_times)
+
+    @property
+    def refused(self) -> bool:
+        return self.status in REFUSAL_STATUSES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +82,8 @@ class Summary:
     tpot: Stats
     itl: Stats
     e2el: Stats
+    refused: int = 0  # 429/503 answers; not in ``failed``
+    refusal_latency: Stats = Stats(0, None, None, None, None, None)  # end - start of the refused
 
 
 def ttft(r: RequestRecord) -> float:
@@ -149,14 +160,16 @@ def summarize(records: Sequence[RequestRecord], goodput_ms: dict[str, float] | N
     per_s = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
     good = per_s(sum(meets(r, goodput_ms) for r in ok)) if goodput_ms else None
     tpots = [v for v in (tpot(r) for r in ok) if v is not None]
+    refused = [r for r in records if not r.ok and r.refused]
     return Summary(
-        completed=len(ok), failed=len(records) - len(ok), duration_s=duration,
+        completed=len(ok), failed=len(records) - len(ok) - len(refused), duration_s=duration,
         total_input_tokens=sum(r.prompt_tokens or 0 for r in ok), total_output_tokens=out_tokens,
         short_outputs=sum(1 for r in ok if r.expected_output_tokens and r.output_tokens < r.expected_output_tokens),
         request_throughput=per_s(len(ok)), output_throughput=per_s(out_tokens),
         goodput=good, goodput_targets_ms=dict(goodput_ms or {}),
         ttft=stats_ms([ttft(r) for r in ok]), tpot=stats_ms(tpots),
-        itl=stats_ms([g for r in ok for g in itls(r)]), e2el=stats_ms([e2el(r) for r in ok]))
+        itl=stats_ms([g for r in ok for g in itls(r)]), e2el=stats_ms([e2el(r) for r in ok]),
+        refused=len(refused), refusal_latency=stats_ms([r.end - r.start for r in refused]))
 
 
 def record_from_dict(d: dict) -> RequestRecord:

@@ -28,7 +28,31 @@ def flat_summary(run: dict[str, Any]) -> dict[str, Any]:
     for lat in LATENCIES:
         for st in STATS:
             row[f"{lat}_{st}_ms"] = s[lat][st]
+    row["refused"] = s.get("refused", 0)
+    for st in STATS:
+        row[f"refusal_{st}_ms"] = (s.get("refusal_latency") or {}).get(st)
+    for key, value in (run.get("memory") or {}).items():
+        row[key] = value
     return row
+
+
+def refusal_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per load point that had refusals (429/503) or a measured server memory."""
+    lines = []
+    for r in doc["runs"]:
+        s, mem = r["summary"], r.get("memory") or {}
+        total = s["completed"] + s["failed"] + s.get("refused", 0)
+        parts = []
+        if s.get("refused"):
+            lat = s["refusal_latency"]
+            parts.append(f"refused {s['refused']}/{total} ({100 * s['refused'] / total:.1f} %), refusal latency "
+                         f"p50/p99 {_fmt(lat['p50'])}/{_fmt(lat['p99'])} ms")
+        if mem.get("rss_before_mib") is not None:
+            parts.append(f"server RSS before/peak/after {_fmt(mem['rss_before_mib'], 0)}/{_fmt(mem['rss_peak_mib'], 0)}/"
+                         f"{_fmt(mem['rss_after_mib'], 0)} MiB")
+        if parts:
+            lines.append(f"{r['target']} {r['point']}: " + "; ".join(parts))
+    return lines
 
 
 def _value(run: dict[str, Any], key: str) -> float | None:
@@ -78,6 +102,7 @@ def format_table(doc: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    lines.extend(refusal_lines(doc))
     for ratio in doc.get("ratios", []):
         parts = ", ".join(f"{k} x{ratio[k]:.2f}" for k in RATIO_KEYS if ratio[k] is not None)
         lines.append(f"{ratio['target']} vs {ratio['baseline']} at {ratio['point']}: {parts}")
@@ -104,12 +129,12 @@ def write_csv(doc: dict[str, Any], summary_path: Path, requests_path: Path) -> N
     with requests_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["target", "point", "index", "start_s", "end_s", "prompt_tokens", "output_tokens",
-                    "expected_output_tokens", "error", "chunk_times_s"])
+                    "expected_output_tokens", "error", "chunk_times_s", "status"])
         for r in doc["runs"]:
             for q in r["requests"]:
                 w.writerow([r["target"], r["point"], q["index"], q["start"], q["end"], q["prompt_tokens"],
                             q["output_tokens"], q["expected_output_tokens"], q["error"] or "",
-                            " ".join(map(str, q["chunk_times"]))])
+                            " ".join(map(str, q["chunk_times"])), q.get("status")])
 
 
 def load_results(paths: Iterable[Path | str]) -> list[dict[str, Any]]:

@@ -54,6 +54,7 @@ class RunningTarget:
     model_id: str
     version: str
     dtype: str | None
+    pid: int | None = None  # the server process, where we started it (its memory is read from /proc)
 
 
 def available_steps() -> list[str]:
@@ -212,6 +213,6 @@ def running(spec: TargetSpec, opts: TargetOptions) -> Iterator[RunningTarget]:
             version = spec.name
         version = getattr(handle, "version", None) or version or spec.name
         dtype = getattr(handle, "dtype", None) or (_step_dtype(opts.dtype) if spec.kind == "step" else None)
-        yield RunningTarget(spec, url, model_id, str(version), dtype)
+        yield RunningTarget(spec, url, model_id, str(version), dtype, started.pid if started is not None else None)
     finally:
         stop()
