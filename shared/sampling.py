@@ -127,8 +127,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: S
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
     greedy_rows = [i for i, p in enumerate(params) if p.greedy and _plain(p, output_ids[i])]
     tokens = [0] * len(params)
-    if greedy_rows:  # the common benchmark case: one argmax over the batch, no copies
-        picked = logits[greedy_rows].argmax(dim=-1).tolist()
+    if greedy_rows:  # the common benchmark case: one argmax over the batch
+        rows = logits if len(greedy_rows) == len(params) else logits[greedy_rows]  # all greedy: no copy
+        picked = rows.argmax(dim=-1).tolist()
         for i, tok in zip(greedy_rows, picked):
             tokens[i] = tok
     for i, p in enumerate(params):
