@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
-         "step05_observability", "step06_backpressure")  # built so far, in order
+         "step05_observability", "step06_backpressure", "step07_paged_kv")  # built so far, in order
 
 
 def free_port() -> int:
