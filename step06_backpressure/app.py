@@ -27,8 +27,10 @@ from shared import protocol as P
 from shared.api import OpenAIServer, build_app
 from shared.config import flag_field, from_args
 from shared.errors import RequestError
+from step05_observability.app import add_metrics_route
 from step06_backpressure.engine import BackpressureEngine, TimedRequest
 from step06_backpressure.gate import Gate, GateConfig, GateMiddleware
+from step06_backpressure.metrics import BackpressureCollector
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,12 +104,17 @@ def readiness(engine: BackpressureEngine, gate: Gate) -> dict[str, Any]:
 
 
 def make_app(engine: BackpressureEngine, ns: argparse.Namespace | None = None) -> FastAPI:
-    """Step 05's app with ``BackpressureServer``, ``/ready``, and the gate (``app.state.gate``)."""
+    """Step 05's app (``/metrics``) with ``BackpressureServer``, ``/ready``, step 06's metrics, and
+    the gate in front (``app.state.gate``)."""
     limits = from_args(LimitsConfig, ns) if ns is not None else LimitsConfig()
     gate_cfg = from_args(GateConfig, ns) if ns is not None else GateConfig()
     app = build_app(engine, server=BackpressureServer(engine, limits))
     gate = app.state.gate = Gate(gate_cfg, engine.admission.retry_after)
     app.add_middleware(GateMiddleware, gate=gate)
+    registry = getattr(engine, "registry", None)  # step 05's; absent on a bare engine (tests)
+    if registry is not None:
+        add_metrics_route(app, engine)
+        registry.register(BackpressureCollector(engine, gate))
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -27,8 +27,8 @@ from typing import Any, AsyncIterator
 from shared.engine import GenerationRequest, TokenEvent
 from shared.errors import RequestError
 from step02_queue.engine import Entry
-from step04_kvcache.engine import ContinuousEngine as _Base
 from step04_kvcache.sequence import Sequence
+from step05_observability.engine import ObservedEngine
 from step06_backpressure.admission import AdmissionConfig, Backlog
 
 
@@ -45,8 +45,9 @@ class DeadlineExceeded(RequestError):
                          param="timeout", status=504, type="timeout", code="deadline_exceeded")
 
 
-class BackpressureEngine(_Base):
+class BackpressureEngine(ObservedEngine):
     def __init__(self, *args: Any, admission: AdmissionConfig = AdmissionConfig(), **kwargs: Any) -> None:
+        """``args``/``kwargs``: step 05's (model, scheduler, runner, observability configs...)."""
         super().__init__(*args, **kwargs)
         self.admission = admission
         self.backlog = Backlog(admission)  # event loop only

@@ -66,7 +66,7 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
             time.sleep(0.02)
 
         def one(i: int) -> httpx.Response:
-            return httpx.post(url + "/v1/completions", json={"prompt": f"{i} hi", "max_tokens": 4, "temperature": 0},
+            return httpx.post(url + "/v1/completions", json={"prompt": f"{i} hi", "max_tokens": 4, "ignore_eos": True},
                               timeout=120)
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -82,6 +82,9 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
     # The backlog holds 3 while the rows are busy: at least 9 of 12 are refused at once.
     assert len(refused) >= 9 and len(done) + len(refused) == 12, [r.status_code for r in responses]
     assert wait_idle(url)["refused_requests"] >= 9
+    metrics = httpx.get(url + "/metrics").text  # step 05's registry counts them too
+    line = next(x for x in metrics.splitlines() if x.startswith('stepserve:requests_refused_total{reason="overloaded"}'))
+    assert float(line.split()[-1]) >= 9
 
 
 def test_deadline_before_the_first_token_is_an_error_504(servers) -> None:
@@ -114,7 +117,7 @@ def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None
     after = wait_idle(url)
     assert (after["kv_slots_used"], after["running"], after["admission_waiting_requests"]) == (0, 0, 0), after
     assert after["generated_tokens"] - before < 24 * 480 // 2, "the disconnected requests ran on"
-    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 

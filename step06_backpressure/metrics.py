@@ -1,0 +1,45 @@
+"""Step 06's numbers in step 05's registry (``/metrics``), read when Prometheus scrapes.
+
+A collector rather than counters fed at each event: the backlog and the gate already count, so
+the exposed numbers cannot drift from ``/ready``'s. Names follow step 05's ``stepserve:`` prefix:
+
+* ``stepserve:requests_refused_total{reason}``: turned away before any work: ``overloaded`` (429),
+  ``shutting_down`` (503 while draining), ``too_large`` (413);
+* ``stepserve:requests_cut_total{reason}``: admitted, then ended by the server or the client:
+  ``deadline`` (the request's timeout), ``slow_reader``, ``drain_timeout``, ``client_disconnect``;
+* ``stepserve:admission_waiting_requests`` / ``stepserve:admission_waiting_prompt_tokens``: the
+  backlog that admission bounds.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from step05_observability.metrics import PREFIX
+from step06_backpressure.engine import BackpressureEngine
+from step06_backpressure.gate import Gate
+
+
+class BackpressureCollector:
+    def __init__(self, engine: BackpressureEngine, gate: Gate) -> None:
+        self.engine, self.gate = engine, gate
+
+    def collect(self) -> Iterator[Metric]:
+        counts, backlog = self.gate.counts, self.engine.backlog
+        refused = CounterMetricFamily(PREFIX + "requests_refused", "Requests turned away before any work, "
+                                      "by reason (overloaded: 429, shutting_down: 503, too_large: 413)", labels=["reason"])
+        for reason, n in (("overloaded", backlog.refused), ("shutting_down", counts["turned_away"]),
+                          ("too_large", counts["too_large"])):
+            refused.add_metric([reason], n)
+        yield refused
+        cut = CounterMetricFamily(PREFIX + "requests_cut", "Admitted requests ended early, by reason (deadline, "
+                                  "slow_reader, drain_timeout, client_disconnect)", labels=["reason"])
+        for reason, n in (("deadline", self.engine.deadlines_exceeded), ("slow_reader", counts["slow_reader_aborts"]),
+                          ("drain_timeout", counts["cut_at_drain_timeout"]), ("client_disconnect", counts["disconnects"])):
+            cut.add_metric([reason], n)
+        yield cut
+        yield GaugeMetricFamily(PREFIX + "admission_waiting_requests", "Admitted requests without a first token "
+                                "(queued or prefilling): what --max-waiting-requests bounds", value=backlog.num_requests)
+        yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Their prompt tokens: what "
+                                "--max-waiting-prompt-tokens bounds", value=backlog.num_tokens)
