@@ -55,6 +55,7 @@ class BenchConfig:
     progress: bool = True
     measure_bandwidth: bool = True
     step_flags: tuple[str, ...] = ()
+    target_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (step name, its own extra flags)
     priority: int | None = None
 
     def points(self) -> list[loadgen.LoadSpec]:
@@ -110,6 +111,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     ap.add_argument("--step-flags", default="", help="extra flags for started step targets, one string "
                     "(e.g. '--max-seqs 64 --linear-backend torch')")
+    ap.add_argument("--target-flags", action="append", default=[], metavar="STEP=FLAGS",
+                    help="extra flags for one started step only, after --step-flags; repeatable "
+                         "(e.g. 'step06_backpressure=--max-waiting-requests 0')")
     ap.add_argument("--priority", type=int, default=None, metavar="NICE",
                     help="autogroup nice (-20..19) for the load generator and every server it starts; "
                          "-15 keeps other sessions' work from distorting a run on a small machine (needs root)")
@@ -132,7 +136,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         max_concurrency=a.max_concurrency, duration_s=a.duration, seed=a.seed, salt=a.salt, ignore_eos=a.ignore_eos,
         temperature=a.temperature, goodput_ms=tuple(metrics.parse_goodput(a.goodput).items()), out=a.out,
         timeout_s=a.timeout, start_timeout_s=a.start_timeout, progress=a.progress,
-        measure_bandwidth=a.measure_bandwidth, step_flags=tuple(shlex.split(a.step_flags)), priority=a.priority)
+        measure_bandwidth=a.measure_bandwidth, step_flags=tuple(shlex.split(a.step_flags)), priority=a.priority,
+        target_flags=tuple(_target_flags(v) for v in a.target_flags))
+
+
+def _target_flags(value: str) -> tuple[str, tuple[str, ...]]:
+    name, sep, flags = value.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--target-flags: expected STEP=FLAGS, got {value!r}")
+    return name.strip(), tuple(shlex.split(flags))
 
 
 def eos_ids(tok: Any) -> list[int]:
@@ -164,8 +176,9 @@ def _measure(ep: loadgen.Endpoint, bodies: list[bytes], prompts: list[corpus.Pro
 
 def _run_target(cfg: BenchConfig, spec: targets.TargetSpec, prompt_sets: dict[str, list[corpus.Prompt]],
                 eos: list[int], out: Path) -> list[dict[str, Any]]:
+    own = tuple(f for name, flags in cfg.target_flags if name == spec.name for f in flags)
     opts = targets.TargetOptions(cfg.model, cfg.dtype, cfg.start_timeout_s, cfg.workload.output_len[1], out,
-                                 cfg.step_flags, cfg.priority)
+                                 cfg.step_flags + own, cfg.priority)
     runs = []
     with targets.running(spec, opts) as t:
         ep = loadgen.Endpoint.parse(t.url)

@@ -1,8 +1,9 @@
 """Step 06 — backpressure: refuse what cannot be served, fast, and never lose a request.
 
-Central rule: work is admitted only while the backlog (requests waiting for their first token,
-and their prompt tokens) is within its bounds; beyond them the answer is an immediate 429 with
-``Retry-After`` and OpenAI's error object, so the requests already admitted keep their latency.
+Central rule: work is admitted only while it stays within bounds (requests in flight: the rows
+plus ``--max-waiting-requests``; prompt tokens waiting for their first token); beyond them the
+answer is an immediate 429 with ``Retry-After`` and OpenAI's error object, so the requests already
+admitted keep their latency.
 
 What it adds to step 05 (files in this package):
 

@@ -1,19 +1,22 @@
-"""Admission control: a bounded backlog of requests that are waiting for their first token.
+"""Admission control: a bound on the work admitted, so that admitted work keeps its latency.
 
-Central rule: a request is admitted only if the backlog, with it, stays within both bounds
-(``--max-waiting-requests`` and ``--max-waiting-prompt-tokens``); otherwise it is refused at once
-with 429, ``Retry-After`` and OpenAI's error object, before any work is done for it. An empty
-backlog admits anything (a single request larger than a bound is not refused forever).
+Central rule: a request is admitted only if, with it, (1) the requests in flight stay within
+``--max-seqs + --max-waiting-requests`` (every running row full, and at most that many waiting
+for one) and (2) the prompt tokens of the requests still waiting for their first token stay within
+``--max-waiting-prompt-tokens``; otherwise it is refused at once with 429, ``Retry-After`` and
+OpenAI's error object, before any work is done for it. An empty server admits anything (a single
+request larger than a bound is not refused forever).
 
-"Waiting" means admitted but not yet streaming: in the engine's queues, or holding a KV-cache row
-while its prompt is prefilled. That is the work standing between a new request and its first
-token, so bounding it bounds the time to first token of every admitted request. Each choice of a
-request (``n``, several prompts) is one engine request and counts as one.
+Why these two: a request that finds a free row starts at the next step; one that does not waits
+for a running request to finish, about ``1 / capacity`` seconds per request ahead of it, so the
+first bound caps the queueing part of the time to first token. The second caps the prefill work
+ahead of a new request (long prompts). Each choice of a request (``n``, several prompts) is one
+engine request and counts as one; a request's choices are admitted or refused together.
 
-The backlog lives on the event loop: the API admits a request's choices together (before the
-response starts, so a refusal can still be a 429), the engine's ``generate`` claims each one and
-removes it on its first token or when it ends. A reservation that ``generate`` never claims (the
-client left between the two) is released by the API, or expires after ``STALE_S``.
+The backlog lives on the event loop: the API admits a request's choices (before the response
+starts, so a refusal can still be a 429), the engine's ``generate`` claims each one, marks its first
+token and removes it when it ends. A reservation that ``generate`` never claims (the client left
+between the two) is released by the API, or expires after ``STALE_S``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ STALE_S = 5.0  # an unclaimed reservation older than this is a leak, not a reque
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     max_waiting_requests: int = flag_field(
-        32, "most requests waiting for their first token (queued or prefilling); beyond: 429")
+        4, "most requests admitted beyond --max-seqs, waiting for a row (in flight: at most the sum); "
+        "beyond: 429. 0 admits only what a free row can start at once")
     max_waiting_prompt_tokens: int = flag_field(
         16384, "most prompt tokens of the requests waiting for their first token; beyond: 429")
     retry_after: int = flag_field(1, "seconds a refused (429) or turned-away (503) client is told to wait "
@@ -41,7 +45,9 @@ class AdmissionConfig:
         "`timeout` field overrides it. Past it: an error before the first token, else finish_reason length")
 
     def __post_init__(self) -> None:
-        for name in ("max_waiting_requests", "max_waiting_prompt_tokens", "retry_after"):
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        for name in ("max_waiting_prompt_tokens", "retry_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout < 0:
@@ -49,75 +55,85 @@ class AdmissionConfig:
 
 
 @dataclasses.dataclass(slots=True)
-class _Waiting:
-    request: GenerationRequest  # held, so that its id() stays unique while it waits
+class _Admitted:
+    request: GenerationRequest  # held, so that its id() stays unique while it is here
     since: float
     claimed: bool = False
+    waiting: bool = True  # no first token yet
 
 
 class Backlog:
-    """The admitted requests without a first token. Event loop only (no locks needed)."""
+    """The admitted requests, until they end. Event loop only (no locks needed)."""
 
-    def __init__(self, config: AdmissionConfig) -> None:
+    def __init__(self, config: AdmissionConfig, max_running: int) -> None:
         self.config = config
-        self._waiting: dict[int, _Waiting] = {}  # id(request): X-Request-Id may repeat request ids
-        self.num_tokens = 0
+        self.max_in_flight = max_running + config.max_waiting_requests
+        self._admitted: dict[int, _Admitted] = {}  # id(request): X-Request-Id may repeat request ids
+        self.num_waiting_tokens = 0  # prompt tokens of the admitted requests without a first token
         self.refused = 0  # requests (not choices) answered 429
 
     @property
-    def num_requests(self) -> int:
-        return len(self._waiting)
+    def num_in_flight(self) -> int:
+        return len(self._admitted)
 
     def overloaded(self) -> bool:
         """No room for even a one-token request: what ``/ready`` reports."""
-        c = self.config
-        return self.num_requests >= c.max_waiting_requests or self.num_tokens >= c.max_waiting_prompt_tokens
+        return (self.num_in_flight >= self.max_in_flight
+                or self.num_waiting_tokens >= self.config.max_waiting_prompt_tokens)
 
     def admit(self, requests: Sequence[GenerationRequest]) -> None:
         """Reserve room for all of ``requests`` (one client request), or raise a 429."""
         now = time.monotonic()
         self._expire(now)
-        c, n = self.config, len(requests)
+        c = self.config
         tokens = sum(len(r.prompt_token_ids) for r in requests)
-        if self._waiting and (self.num_requests + n > c.max_waiting_requests
-                              or self.num_tokens + tokens > c.max_waiting_prompt_tokens):
+        if self._admitted and (self.num_in_flight + len(requests) > self.max_in_flight
+                               or self.num_waiting_tokens + tokens > c.max_waiting_prompt_tokens):
             self.refused += 1
             raise RequestError(
-                f"The server is overloaded: {self.num_requests} requests ({self.num_tokens} prompt tokens) are "
-                f"waiting; the limits are {c.max_waiting_requests} requests and {c.max_waiting_prompt_tokens} "
-                f"tokens. Retry after {c.retry_after} s.", status=429, type="rate_limit_error",
+                f"The server is overloaded: {self.num_in_flight} requests in flight (at most {self.max_in_flight}), "
+                f"{self.num_waiting_tokens} prompt tokens waiting (at most {c.max_waiting_prompt_tokens}). "
+                f"Retry after {c.retry_after} s.", status=429, type="rate_limit_error",
                 code="server_overloaded", headers={"Retry-After": str(c.retry_after)})
         for r in requests:
-            self._waiting[id(r)] = _Waiting(r, now)
-            self.num_tokens += len(r.prompt_token_ids)
+            self._admitted[id(r)] = _Admitted(r, now)
+            self.num_waiting_tokens += len(r.prompt_token_ids)
+
+    def _get(self, request: GenerationRequest) -> _Admitted | None:
+        a = self._admitted.get(id(request))
+        return a if a is not None and a.request is request else None
 
     def claim(self, request: GenerationRequest) -> bool:
         """The engine starts ``request``: False if it was never admitted."""
-        w = self._waiting.get(id(request))
-        if w is None or w.request is not request:
-            return False
-        w.claimed = True
-        return True
+        a = self._get(request)
+        if a is not None:
+            a.claimed = True
+        return a is not None
 
-    def leave(self, request: GenerationRequest) -> None:
-        """``request`` got its first token, or ended: it waits no more. Idempotent."""
-        w = self._waiting.get(id(request))
-        if w is not None and w.request is request:
-            del self._waiting[id(request)]
-            self.num_tokens -= len(request.prompt_token_ids)
+    def first_token(self, request: GenerationRequest) -> None:
+        """``request`` streams: its prompt is no longer work ahead of others. Idempotent."""
+        a = self._get(request)
+        if a is not None and a.waiting:
+            a.waiting = False
+            self.num_waiting_tokens -= len(request.prompt_token_ids)
+
+    def finish(self, request: GenerationRequest) -> None:
+        """``request`` ended (finished, aborted, failed): its room is free. Idempotent."""
+        if self._get(request) is not None:
+            self.first_token(request)
+            del self._admitted[id(request)]
 
     def release_unclaimed(self, requests: Iterable[GenerationRequest]) -> None:
-        """The API is done with these: any the engine never claimed leave the backlog."""
+        """The API is done with these: any the engine never claimed leave."""
         for r in requests:
-            w = self._waiting.get(id(r))
-            if w is not None and w.request is r and not w.claimed:
-                self.leave(r)
+            a = self._get(r)
+            if a is not None and not a.claimed:
+                self.finish(r)
 
     def _expire(self, now: float) -> None:
-        stale = [w.request for w in self._waiting.values() if not w.claimed and now - w.since > STALE_S]
-        for r in stale:
-            self.leave(r)
+        for a in [a for a in self._admitted.values() if not a.claimed and now - a.since > STALE_S]:
+            self.finish(a.request)
 
     def stats(self) -> dict[str, float]:
-        return {"admission_waiting_requests": self.num_requests, "admission_waiting_prompt_tokens": self.num_tokens,
-                "refused_requests": self.refused}
+        return {"admission_in_flight": self.num_in_flight, "admission_max_in_flight": self.max_in_flight,
+                "admission_waiting_prompt_tokens": self.num_waiting_tokens, "refused_requests": self.refused}

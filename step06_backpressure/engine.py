@@ -2,7 +2,7 @@
 
 Admission (``admission.Backlog``): ``generate`` claims the reservation the API made (or, for a
 request that comes without the API, admits it here, so the bound holds for in-process use too),
-and the request leaves the backlog at its first token or when it ends.
+marks its first token, and frees its room when it ends.
 
 Deadlines, checked on the engine thread at the start of every step, before step 04's own reaping
 of cancelled requests:
@@ -50,7 +50,7 @@ class BackpressureEngine(ObservedEngine):
         """``args``/``kwargs``: step 05's (model, scheduler, runner, observability configs...)."""
         super().__init__(*args, **kwargs)
         self.admission = admission
-        self.backlog = Backlog(admission)  # event loop only
+        self.backlog = Backlog(admission, self.sched_cfg.max_seqs)  # event loop only
         self.deadlines_exceeded = 0  # engine thread writes; an int, read anywhere
 
     def timeout_of(self, request: GenerationRequest) -> float | None:
@@ -67,10 +67,10 @@ class BackpressureEngine(ObservedEngine):
         try:
             async with contextlib.aclosing(super().generate(request)) as events:
                 async for event in events:
-                    self.backlog.leave(request)  # the first token: no longer waiting
+                    self.backlog.first_token(request)
                     yield event
         finally:
-            self.backlog.leave(request)
+            self.backlog.finish(request)
 
     # ---- the engine thread ------------------------------------------------------------------
 

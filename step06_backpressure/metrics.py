@@ -7,8 +7,8 @@ the exposed numbers cannot drift from ``/ready``'s. Names follow step 05's ``ste
   ``shutting_down`` (503 while draining), ``too_large`` (413);
 * ``stepserve:requests_cut_total{reason}``: admitted, then ended by the server or the client:
   ``deadline`` (the request's timeout), ``slow_reader``, ``drain_timeout``, ``client_disconnect``;
-* ``stepserve:admission_waiting_requests`` / ``stepserve:admission_waiting_prompt_tokens``: the
-  backlog that admission bounds.
+* ``stepserve:admission_in_flight_requests`` / ``stepserve:admission_waiting_prompt_tokens``: what
+  admission bounds.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class BackpressureCollector:
                           ("drain_timeout", counts["cut_at_drain_timeout"]), ("client_disconnect", counts["disconnects"])):
             cut.add_metric([reason], n)
         yield cut
-        yield GaugeMetricFamily(PREFIX + "admission_waiting_requests", "Admitted requests without a first token "
-                                "(queued or prefilling): what --max-waiting-requests bounds", value=backlog.num_requests)
-        yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Their prompt tokens: what "
-                                "--max-waiting-prompt-tokens bounds", value=backlog.num_tokens)
+        yield GaugeMetricFamily(PREFIX + "admission_in_flight_requests", "Admitted requests not yet ended: at most "
+                                "--max-seqs + --max-waiting-requests", value=backlog.num_in_flight)
+        yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Prompt tokens of the admitted requests "
+                                "without a first token: at most --max-waiting-prompt-tokens", value=backlog.num_waiting_tokens)

@@ -91,3 +91,14 @@ def test_duration_sizes_open_loop_points_only() -> None:
     assert (cfg.requests_at(closed), cfg.requests_at(opened)) == (7, 25)
     with pytest.raises(ValueError, match="--duration"):
         bench.config_from_args(ap.parse_args(["--target", "null", "--duration", "0"]))
+
+
+def test_target_flags_go_to_their_step_only() -> None:
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    cfg = bench.config_from_args(ap.parse_args(
+        ["--target", "step04_kvcache,step06_backpressure", "--step-flags", "--max-seqs 8",
+         "--target-flags", "step06_backpressure=--max-waiting-requests 0 --retry-after 2"]))
+    assert cfg.target_flags == (("step06_backpressure", ("--max-waiting-requests", "0", "--retry-after", "2")),)
+    with pytest.raises(ValueError, match="--target-flags"):
+        bench.config_from_args(ap.parse_args(["--target", "null", "--target-flags", "no-equals-sign"]))

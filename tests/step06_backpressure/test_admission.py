@@ -25,55 +25,69 @@ def req(rid: str, n_tokens: int = 10, timeout: float | None = None, max_tokens: 
                         time.monotonic(), timeout)
 
 
-def test_admits_within_both_bounds_and_refuses_beyond_with_429() -> None:
-    b = Backlog(AdmissionConfig(max_waiting_requests=3, max_waiting_prompt_tokens=25, retry_after=7))
-    b.admit([req("a"), req("b")])
-    with pytest.raises(RequestError) as e:  # 20 + 10 tokens > 25
-        b.admit([req("c")])
+def test_in_flight_is_bounded_by_rows_plus_waiting_and_beyond_is_a_429() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=1, retry_after=7), max_running=2)
+    b.admit([req("a"), req("b")])  # the two rows
+    b.admit([req("c")])  # the one that may wait for a row
+    with pytest.raises(RequestError) as e:
+        b.admit([req("d")])
     assert (e.value.status, e.value.code, e.value.type) == (429, "server_overloaded", "rate_limit_error")
     assert e.value.headers == {"Retry-After": "7"}
-    b.admit([req("d", 5)])  # 25 tokens: fits exactly
-    assert b.overloaded() and (b.num_requests, b.num_tokens, b.refused) == (3, 25, 1)
+    assert b.overloaded() and (b.num_in_flight, b.refused) == (3, 1)
+
+
+def test_waiting_prompt_tokens_are_bounded_until_the_first_token() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_prompt_tokens=25), max_running=8)
+    a = req("a")
+    b.admit([a, req("b")])
+    with pytest.raises(RequestError):  # 20 + 10 tokens > 25
+        b.admit([req("c")])
+    b.admit([req("d", 5)])  # 25: fits exactly
+    b.claim(a)
+    b.first_token(a)
+    b.first_token(a)  # idempotent
+    assert (b.num_in_flight, b.num_waiting_tokens) == (3, 15)
+    b.admit([req("e")])
 
 
 def test_a_request_with_several_choices_is_admitted_or_refused_whole() -> None:
-    b = Backlog(AdmissionConfig(max_waiting_requests=3))
+    b = Backlog(AdmissionConfig(max_waiting_requests=0), max_running=3)
     b.admit([req("x")])
     with pytest.raises(RequestError):
         b.admit([req("y-0"), req("y-1"), req("y-2")])
-    assert b.num_requests == 1
+    assert b.num_in_flight == 1
 
 
-def test_an_empty_backlog_admits_even_a_request_beyond_the_bounds() -> None:
-    b = Backlog(AdmissionConfig(max_waiting_requests=1, max_waiting_prompt_tokens=5))
+def test_an_empty_server_admits_even_a_request_beyond_the_bounds() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=0, max_waiting_prompt_tokens=5), max_running=1)
     b.admit([req("big", 100), req("big2", 100)])
-    assert b.num_tokens == 200
+    assert b.num_waiting_tokens == 200
     with pytest.raises(RequestError):
         b.admit([req("small", 1)])
 
 
-def test_leaving_frees_room_and_is_idempotent() -> None:
-    b = Backlog(AdmissionConfig(max_waiting_requests=1))
+def test_finishing_frees_room_and_is_idempotent() -> None:
+    b = Backlog(AdmissionConfig(max_waiting_requests=0), max_running=1)
     a = req("a")
     b.admit([a])
     assert b.claim(a) and not b.claim(req("a"))  # another object with the same id was never admitted
-    b.leave(a)
-    b.leave(a)
-    assert (b.num_requests, b.num_tokens) == (0, 0)
+    b.finish(a)
+    b.finish(a)
+    assert (b.num_in_flight, b.num_waiting_tokens) == (0, 0)
     b.admit([req("b")])
 
 
 def test_unclaimed_reservations_are_released_and_claimed_ones_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    b = Backlog(AdmissionConfig())
+    b = Backlog(AdmissionConfig(), max_running=4)
     claimed, unclaimed, stale = req("c"), req("u"), req("s")
     b.admit([claimed, unclaimed])
     b.claim(claimed)
     b.release_unclaimed([claimed, unclaimed])
-    assert b.num_requests == 1  # the claimed one waits on in the engine
+    assert b.num_in_flight == 1  # the claimed one goes on in the engine
     b.admit([stale])
     monkeypatch.setattr(admission, "STALE_S", -1.0)  # every unclaimed reservation is now stale
     b.admit([req("new")])
-    assert b.num_requests == 2 and not b.claim(stale)
+    assert b.num_in_flight == 2 and not b.claim(stale)
 
 
 def test_step06_settings_are_flags_and_checked() -> None:
@@ -84,7 +98,7 @@ def test_step06_settings_are_flags_and_checked() -> None:
     assert from_args(AdmissionConfig, ns) == AdmissionConfig(4, 99, 1, 2.5)
     assert from_args(LimitsConfig, ns) == LimitsConfig(64, 8)
     assert from_args(GateConfig, ns) == GateConfig(100, 3, 1.0)
-    for bad in (lambda: AdmissionConfig(max_waiting_requests=0), lambda: AdmissionConfig(request_timeout=-1),
+    for bad in (lambda: AdmissionConfig(max_waiting_requests=-1), lambda: AdmissionConfig(request_timeout=-1),
                 lambda: GateConfig(max_buffered_chunks=0), lambda: LimitsConfig(max_prompt_tokens=-1)):
         with pytest.raises(ValueError):
             bad()
@@ -138,8 +152,9 @@ def test_no_deadline_without_a_timeout() -> None:
 
 
 def test_engine_generate_refuses_when_its_backlog_is_full() -> None:
-    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), admission=AdmissionConfig(max_waiting_requests=1))
-    engine.backlog.admit([req("queued")])
+    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), SchedulerConfig(max_seqs=1),
+                                admission=AdmissionConfig(max_waiting_requests=0))
+    engine.backlog.admit([req("running")])
 
     async def first() -> None:
         async for _ in engine.generate(req("refused")):
@@ -147,4 +162,4 @@ def test_engine_generate_refuses_when_its_backlog_is_full() -> None:
 
     with pytest.raises(RequestError, match="overloaded"):
         asyncio.run(first())
-    assert engine.backlog.num_requests == 1
+    assert engine.backlog.num_in_flight == 1

@@ -22,7 +22,7 @@ class HoldingEngine:
     """Holds each request until ``release`` is set, then gives ``max_tokens`` tokens."""
 
     def __init__(self, admission: AdmissionConfig) -> None:
-        self.admission, self.backlog = admission, Backlog(admission)
+        self.admission, self.backlog = admission, Backlog(admission, max_running=1)
         self.release = asyncio.Event()
         self.aborted: list[str] = []
         self._info = ModelInfo("holding", load_tokenizer(ModelConfig(model="tiny-llama")), 512, 256)
@@ -41,7 +41,7 @@ class HoldingEngine:
             for i in range(n):
                 yield TokenEvent(70 + i % 20, finish_reason="length" if i == n - 1 else None)
         finally:
-            self.backlog.leave(request)
+            self.backlog.finish(request)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -83,21 +83,21 @@ def error(r: httpx.Response, status: int, code: str | None, param: str | None = 
 
 
 def test_a_full_backlog_answers_429_with_retry_after_and_ready_says_overloaded() -> None:
-    engine, app = build(AdmissionConfig(max_waiting_requests=1, retry_after=3))
+    engine, app = build(AdmissionConfig(max_waiting_requests=1, retry_after=3))  # 1 row + 1 waiting
 
     async def main() -> None:
         async with client(app) as c:
-            first = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}))
-            await until(lambda: engine.backlog.num_requests == 1)
+            first = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "n": 2}))
+            await until(lambda: engine.backlog.num_in_flight == 2)
             r = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True})
             error(r, 429, "server_overloaded")
             assert r.headers["retry-after"] == "3"
             ready = await c.get("/ready")
             assert ready.status_code == 503 and ready.json()["status"] == "overloaded"
             engine.release.set()
-            assert (await first).json()["usage"]["completion_tokens"] == 3
+            assert (await first).json()["usage"]["completion_tokens"] == 6
             ready = await c.get("/ready")
-            assert ready.status_code == 200 and ready.json()["admission_waiting_requests"] == 0
+            assert ready.status_code == 200 and ready.json()["admission_in_flight"] == 0
             assert ready.json()["refused_requests"] == 1
 
     asyncio.run(main())
