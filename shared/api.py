@@ -39,7 +39,7 @@ def _error(e: RequestError) -> JSONResponse:
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..."
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")

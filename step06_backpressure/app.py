@@ -21,7 +21,7 @@ import dataclasses
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from shared import protocol as P
 from shared.api import OpenAIServer, build_app
@@ -79,7 +79,7 @@ class BackpressureServer(OpenAIServer):
         except BaseException:
             self.engine.backlog.release_unclaimed(reqs)
             raise
-        if hasattr(response, "body_iterator"):  # a stream: release when it ends
+        if isinstance(response, StreamingResponse):  # release when the stream ends
             response.body_iterator = self._release_after(response.body_iterator, reqs)
         else:
             self.engine.backlog.release_unclaimed(reqs)

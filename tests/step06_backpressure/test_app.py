@@ -195,3 +195,38 @@ def test_outbox_aborts_only_a_client_that_stalls_beyond_the_bound() -> None:
         assert len(sent) == 6
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"[" * 100_000, None),  # nesting deep enough to blow the JSON parser's recursion limit
+    (b'{"prompt": "\xff\xfe"}', None),  # not UTF-8
+    (b"", None), (b"null", None), (b'"just a string"', None),
+    (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "x", "n": 100000}', "n"),
+    (b'{"prompt": "x", "max_tokens": 99999999999999999999999}', "max_tokens"),
+    (b'{"prompt": [[]]}', "prompt"),
+    (b'{"prompt": "x", "timeout": true}', "timeout"),
+])
+def test_hostile_bodies_are_400s_naming_the_field_never_500s(body: bytes, param: str | None) -> None:
+    engine, app = build()
+    engine.release.set()
+
+    async def main() -> httpx.Response:
+        async with client(app) as c:
+            return await c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+
+    r = asyncio.run(main())
+    err = error(r, 400, None)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_nul_bytes_and_control_characters_in_a_prompt_are_just_text() -> None:
+    engine, app = build()
+    engine.release.set()
+
+    async def main() -> httpx.Response:
+        async with client(app) as c:
+            return await c.post("/v1/completions", json={"prompt": "a\u0000b\u001b[2J\r\n", "max_tokens": 2})
+
+    assert asyncio.run(main()).json()["usage"]["completion_tokens"] == 2
