@@ -1,4 +1,5 @@
-"""``PagedEngine``: step 04's engine loop with the paged runner, scheduler and sequences plugged in.
+"""``PagedEngine``: step 06's engine (step 04's loop, step 05's metrics, step 06's admission and
+deadlines) with the paged runner, scheduler and sequences plugged in.
 
 Nothing of the loop changes: the engine overrides step 04's factory hooks (``_build_runner``,
 ``_build_scheduler``, ``_new_sequence``, ``_token_event``) and reports KV usage in blocks. Every
@@ -20,12 +21,13 @@ from typing import Any
 from shared.engine import GenerationRequest, TokenEvent
 from shared.models import LoadedModel
 from shared.sampling import make_generator
-from step04_kvcache.engine import ContinuousEngine
+from step06_backpressure.engine import BackpressureEngine
 from step04_kvcache.model_runner import ModelRunner
 from step04_kvcache.observer import StepStats
 from step04_kvcache.scheduler import Scheduler, SchedulerOutput
 from step04_kvcache.sequence import Sequence
 from step07_paged_kv.block_manager import BlockManager
+from step07_paged_kv.metrics import PagedKVCollector
 from step07_paged_kv.model_runner import PagedCacheConfig, PagedModelRunner
 from step07_paged_kv.scheduler import PagedScheduler
 from step07_paged_kv.sequence import PagedSequence
@@ -56,12 +58,13 @@ class KVAccounting:
         self.running_max = max(self.running_max, len(running))
 
 
-class PagedEngine(ContinuousEngine):
+class PagedEngine(BackpressureEngine):
     def __init__(self, *args: Any, cache: PagedCacheConfig = PagedCacheConfig(), **kwargs: Any) -> None:
-        """The base engine's arguments, plus the paged cache's settings."""
+        """Step 06's engine arguments, plus the paged cache's settings."""
         super().__init__(*args, **kwargs)
         self.cache_cfg = cache
         self.kv_accounting = KVAccounting()
+        self.registry.register(PagedKVCollector(self.stats))  # step 05's /metrics
 
     # ---- step 04's hooks ----------------------------------------------------------------------
 

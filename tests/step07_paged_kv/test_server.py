@@ -45,3 +45,8 @@ def test_concurrent_requests_through_a_tiny_pool_are_preempted_and_exact(servers
     assert all(got == ref for got, ref in results)
     health = httpx.get(url + "/health").json()
     assert health["num_preemptions"] > 0 and health["kv_slots_total"] == 24 and health["kv_slots_used"] == 0
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics["stepserve:num_preemptions_total"] == health["num_preemptions"]
+    assert metrics["stepserve:kv_cache_blocks_total"] == 24
+    assert metrics["stepserve:prefix_cache_queries_total"] == health["prefix_cache_queries"] > 0
