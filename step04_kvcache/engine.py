@@ -153,7 +153,7 @@ class ContinuousEngine(QueueEngine):
         if out.is_empty:
             return
         for chunk in out.prefills:  # a prompt's first chunk: its queue time ends (for the observer)
-            if chunk.start == 0:
+            if chunk.seq.first_scheduled_time is None:  # (not start == 0: a cached prefix starts later)
                 chunk.seq.first_scheduled_time = now
         t1 = time.perf_counter()
         rows = out.sampling_seqs
