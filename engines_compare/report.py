@@ -238,3 +238,24 @@ def write_plots(doc: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def latency_by_output_length(run: dict[str, Any], short_max: int) -> dict[str, dict[str, Any]]:
+    """TTFT and end-to-end latency of a run's short (<= ``short_max`` output tokens) and long
+    requests apart: the lens for head-of-line blocking, where short requests pay for long ones.
+
+    ``slowdown`` is each request's E2EL divided by its own share of it, ``E2EL - TTFT`` (the time it
+    spent producing tokens after the first), as a median: how much longer than its own work it took.
+    """
+    from engines_compare import metrics
+
+    out: dict[str, dict[str, Any]] = {}
+    records = [metrics.record_from_dict(r) for r in run["requests"]]
+    ok = [r for r in records if r.error is None and r.chunk_times]
+    for name, group in (("short", [r for r in ok if r.output_tokens <= short_max]),
+                        ("long", [r for r in ok if r.output_tokens > short_max])):
+        ttft, e2el = metrics.stats_ms([metrics.ttft(r) for r in group]), metrics.stats_ms([metrics.e2el(r) for r in group])
+        own = [metrics.e2el(r) / max(metrics.e2el(r) - metrics.ttft(r), 1e-9) for r in group if r.output_tokens > 1]
+        out[name] = {"count": len(group), "ttft_p50_ms": ttft.p50, "ttft_p99_ms": ttft.p99, "e2el_p50_ms": e2el.p50,
+                     "e2el_p99_ms": e2el.p99, "slowdown_p50": metrics.percentile(own, 50) if own else None}
+    return out

@@ -78,3 +78,20 @@ def test_goodput_spec_errors_name_the_flag(spec: list[str]) -> None:
 
 def test_goodput_spec_parses() -> None:
     assert parse_goodput(["ttft:500", "tpot:50", "e2el:2000"]) == {"ttft": 500.0, "tpot": 50.0, "e2el": 2000.0}
+
+
+def test_latency_by_output_length_splits_short_and_long_requests() -> None:
+    from engines_compare.report import latency_by_output_length
+
+    def req(start: float, chunks: list[float], n: int) -> dict:
+        return {"index": 0, "start": start, "chunk_times": chunks, "end": chunks[-1], "prompt_tokens": 4,
+                "output_tokens": n, "usage_reported": True, "expected_output_tokens": n, "error": None}
+
+    run = {"requests": [req(0.0, [3.0, 3.5], 2),  # short, stuck 3 s before its first token
+                        req(0.0, [0.5, 1.0, 1.5, 2.0], 4), req(1.0, [1.5, 2.0, 2.5, 3.0], 4)]}
+    got = latency_by_output_length(run, short_max=2)
+    assert got["short"]["count"] == 1 and got["long"]["count"] == 2
+    assert got["short"]["ttft_p50_ms"] == 3000.0
+    assert got["short"]["slowdown_p50"] == 3.5 / 0.5
+    assert got["long"]["e2el_p50_ms"] == 2000.0
+    assert got["long"]["slowdown_p50"] == 2.0 / 1.5
