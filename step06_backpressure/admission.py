@@ -10,7 +10,8 @@ request larger than a bound is not refused forever).
 Why these two: a request that finds a free row starts at the next step; one that does not waits
 for a running request to finish, about ``1 / capacity`` seconds per request ahead of it, so the
 first bound caps the queueing part of the time to first token. The second caps the prefill work
-ahead of a new request (long prompts). Each choice of a request (``n``, several prompts) is one
+ahead of a new request: by default one step's token budget, so that under overload a new
+request's prompt waits behind at most about one step of other prompts. Each choice of a request (``n``, several prompts) is one
 engine request and counts as one; a request's choices are admitted or refused together.
 
 The backlog lives on the event loop: the API admits a request's choices (before the response
@@ -37,7 +38,8 @@ class AdmissionConfig:
         4, "most requests admitted beyond --max-seqs, waiting for a row (in flight: at most the sum); "
         "beyond: 429. 0 admits only what a free row can start at once")
     max_waiting_prompt_tokens: int = flag_field(
-        16384, "most prompt tokens of the requests waiting for their first token; beyond: 429")
+        0, "most prompt tokens of the requests waiting for their first token; beyond: 429 "
+        "(0: one step's budget, --max-num-batched-tokens)")
     retry_after: int = flag_field(1, "seconds a refused (429) or turned-away (503) client is told to wait "
                                   "(Retry-After)")
     request_timeout: float = flag_field(
@@ -47,9 +49,10 @@ class AdmissionConfig:
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
-        for name in ("max_waiting_prompt_tokens", "retry_after"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting_prompt_tokens < 0:
+            raise ValueError(f"max_waiting_prompt_tokens must be >= 0, got {self.max_waiting_prompt_tokens}")
+        if self.retry_after < 1:
+            raise ValueError(f"retry_after must be >= 1, got {self.retry_after}")
         if self.request_timeout < 0:
             raise ValueError(f"request_timeout must be >= 0, got {self.request_timeout}")
 
@@ -65,9 +68,11 @@ class _Admitted:
 class Backlog:
     """The admitted requests, until they end. Event loop only (no locks needed)."""
 
-    def __init__(self, config: AdmissionConfig, max_running: int) -> None:
+    def __init__(self, config: AdmissionConfig, max_running: int, step_tokens: int = 256) -> None:
+        """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget."""
         self.config = config
         self.max_in_flight = max_running + config.max_waiting_requests
+        self.max_waiting_tokens = config.max_waiting_prompt_tokens or step_tokens
         self._admitted: dict[int, _Admitted] = {}  # id(request): X-Request-Id may repeat request ids
         self.num_waiting_tokens = 0  # prompt tokens of the admitted requests without a first token
         self.refused = 0  # requests (not choices) answered 429
@@ -79,7 +84,7 @@ class Backlog:
     def overloaded(self) -> bool:
         """No room for even a one-token request: what ``/ready`` reports."""
         return (self.num_in_flight >= self.max_in_flight
-                or self.num_waiting_tokens >= self.config.max_waiting_prompt_tokens)
+                or self.num_waiting_tokens >= self.max_waiting_tokens)
 
     def admit(self, requests: Sequence[GenerationRequest]) -> None:
         """Reserve room for all of ``requests`` (one client request), or raise a 429."""
@@ -88,11 +93,11 @@ class Backlog:
         c = self.config
         tokens = sum(len(r.prompt_token_ids) for r in requests)
         if self._admitted and (self.num_in_flight + len(requests) > self.max_in_flight
-                               or self.num_waiting_tokens + tokens > c.max_waiting_prompt_tokens):
+                               or self.num_waiting_tokens + tokens > self.max_waiting_tokens):
             self.refused += 1
             raise RequestError(
                 f"The server is overloaded: {self.num_in_flight} requests in flight (at most {self.max_in_flight}), "
-                f"{self.num_waiting_tokens} prompt tokens waiting (at most {c.max_waiting_prompt_tokens}). "
+                f"{self.num_waiting_tokens} prompt tokens waiting (at most {self.max_waiting_tokens}). "
                 f"Retry after {c.retry_after} s.", status=429, type="rate_limit_error",
                 code="server_overloaded", headers={"Retry-After": str(c.retry_after)})
         for r in requests:

@@ -50,7 +50,7 @@ class BackpressureEngine(ObservedEngine):
         """``args``/``kwargs``: step 05's (model, scheduler, runner, observability configs...)."""
         super().__init__(*args, **kwargs)
         self.admission = admission
-        self.backlog = Backlog(admission, self.sched_cfg.max_seqs)  # event loop only
+        self.backlog = Backlog(admission, self.sched_cfg.max_seqs, self.sched_cfg.max_num_batched_tokens)  # event loop
         self.deadlines_exceeded = 0  # engine thread writes; an int, read anywhere
 
     def timeout_of(self, request: GenerationRequest) -> float | None:

@@ -37,7 +37,8 @@ def test_in_flight_is_bounded_by_rows_plus_waiting_and_beyond_is_a_429() -> None
 
 
 def test_waiting_prompt_tokens_are_bounded_until_the_first_token() -> None:
-    b = Backlog(AdmissionConfig(max_waiting_prompt_tokens=25), max_running=8)
+    assert Backlog(AdmissionConfig(), max_running=8, step_tokens=77).max_waiting_tokens == 77  # the default
+    b = Backlog(AdmissionConfig(max_waiting_prompt_tokens=25), max_running=8, step_tokens=77)
     a = req("a")
     b.admit([a, req("b")])
     with pytest.raises(RequestError):  # 20 + 10 tokens > 25
@@ -99,6 +100,7 @@ def test_step06_settings_are_flags_and_checked() -> None:
     assert from_args(LimitsConfig, ns) == LimitsConfig(64, 8)
     assert from_args(GateConfig, ns) == GateConfig(100, 3, 1.0)
     for bad in (lambda: AdmissionConfig(max_waiting_requests=-1), lambda: AdmissionConfig(request_timeout=-1),
+                lambda: AdmissionConfig(max_waiting_prompt_tokens=-1),
                 lambda: GateConfig(max_buffered_chunks=0), lambda: LimitsConfig(max_prompt_tokens=-1)):
         with pytest.raises(ValueError):
             bad()
