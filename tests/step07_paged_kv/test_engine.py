@@ -14,11 +14,13 @@ from shared.sampling import SamplingParams
 from step04_kvcache.model_runner import RunnerConfig
 from step04_kvcache.observer import StepStats
 from step04_kvcache.scheduler import SchedulerConfig
+from step06_backpressure.admission import AdmissionConfig
 from step07_paged_kv.engine import PagedEngine
 from step07_paged_kv.model_runner import PagedCacheConfig
 from tests.helpers import reference_greedy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOMY = AdmissionConfig(max_waiting_requests=64, max_waiting_prompt_tokens=1 << 20)
 
 
 class Steps:
@@ -36,7 +38,8 @@ def make(model: str, num_blocks: int, block_size: int = 4, max_seqs: int = 4, bu
          prefix_caching: bool = True) -> tuple[PagedEngine, Steps]:
     eng = PagedEngine(ModelConfig(model=model), SchedulerConfig(max_seqs=max_seqs, max_num_batched_tokens=budget),
                       RunnerConfig(1.0), cache=PagedCacheConfig(block_size=block_size, num_kv_blocks=num_blocks,
-                                                                enable_prefix_caching=prefix_caching))
+                                                                enable_prefix_caching=prefix_caching),
+                      admission=ROOMY)  # step 06 admits every request of a test: the pool is the limit here
     eng.observer = rec = Steps()  # whatever observers the base engine has: only this one here
     return eng, rec
 

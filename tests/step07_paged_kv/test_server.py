@@ -10,11 +10,12 @@ import httpx
 from tests.helpers import prompt_ids, reference_greedy, server_greedy
 
 STEP = "step07_paged_kv"
-TINY_POOL = ("--block-size", "4", "--num-kv-blocks", "24", "--max-seqs", "4", "--max-num-batched-tokens", "16")
+TINY_POOL = ("--block-size", "4", "--num-kv-blocks", "24", "--max-seqs", "4", "--max-num-batched-tokens", "16",
+             "--max-waiting-requests", "8", "--max-waiting-prompt-tokens", "4096")  # step 06 admits all 6 at once
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(servers) -> None:
-    url = servers(STEP, "tiny-llama", "--block-size", "4").url
+    url = servers(STEP, "tiny-llama").url  # default flags: the server the conformance suite uses
     prompt = "A long shared system prompt, the same for every request: " * 2
     n = len(prompt_ids("tiny-llama", prompt))
     body = {"prompt": prompt, "max_tokens": 4, "temperature": 0}
@@ -22,14 +23,14 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(servers) -> None:
     second = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
     assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"] == n
     assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4}
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
     health = httpx.get(url + "/health").json()
-    assert health["prefix_cache_hits"] >= 2 * ((n - 1) // 4 * 4) and health["kv_block_size"] == 4
+    assert health["prefix_cache_hits"] >= 2 * ((n - 1) // 16 * 16) and health["kv_block_size"] == 16
     assert health["kv_slots_used"] == 0 and health["kv_slots_total"] > 0
 
 
