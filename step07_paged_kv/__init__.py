@@ -12,7 +12,8 @@ attention) without a line changed. ``BlockManager`` (``block_manager.py``: ``can
 cached blocks) owns the pool; ``PagedScheduler`` (``scheduler.py``) allocates on demand, skips
 cached prefixes in prefill, and preempts; ``PagedModelRunner`` sizes the pool by bytes
 (``--kv-cache-gib``, ``--kv-cache-memory-fraction`` or ``--num-kv-blocks``); ``PagedEngine``
-plugs them into step 04's loop through its factory hooks and reports KV usage in blocks,
+(a step 06 ``BackpressureEngine``, so metrics, admission and deadlines stay) plugs them into
+step 04's loop through its factory hooks and reports KV usage in blocks,
 preemptions and prefix-cache queries and hits (``/health``, ``usage.prompt_tokens_details``).
 
 Sliding-window layers (Gemma 3): blocks that leave the window are NOT freed. One block table
