@@ -10,9 +10,11 @@ request larger than a bound is not refused forever).
 Why these two: a request that finds a free row starts at the next step; one that does not waits
 for a running request to finish, about ``1 / capacity`` seconds per request ahead of it, so the
 first bound caps the queueing part of the time to first token. The second caps the prefill work
-ahead of a new request: by default one step's token budget, so that under overload a new
-request's prompt waits behind at most about one step of other prompts. Each choice of a request (``n``, several prompts) is one
-engine request and counts as one; a request's choices are admitted or refused together.
+ahead of a new request. Its default admits a burst that fills every row (``--max-seqs`` prompts
+of a step's budget each); under overload, a bound of about one step's budget keeps a new
+request's prompt behind at most one step of others (the README measures it). Each choice of a
+request (``n``, several prompts) is one engine request and counts as one; a request's choices
+are admitted or refused together.
 
 The backlog lives on the event loop: the API admits a request's choices (before the response
 starts, so a refusal can still be a 429), the engine's ``generate`` claims each one, marks its first
@@ -38,8 +40,8 @@ class AdmissionConfig:
         4, "most requests admitted beyond --max-seqs, waiting for a row (in flight: at most the sum); "
         "beyond: 429. 0 admits only what a free row can start at once")
     max_waiting_prompt_tokens: int = flag_field(
-        0, "most prompt tokens of the requests waiting for their first token; beyond: 429 "
-        "(0: one step's budget, --max-num-batched-tokens)")
+        0, "most prompt tokens of the requests waiting for their first token; beyond: 429 (0: --max-seqs x "
+        "--max-num-batched-tokens, a burst that fills every row). Lower bounds the TTFT under overload")
     retry_after: int = flag_field(1, "seconds a refused (429) or turned-away (503) client is told to wait "
                                   "(Retry-After)")
     request_timeout: float = flag_field(
@@ -72,7 +74,7 @@ class Backlog:
         """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget."""
         self.config = config
         self.max_in_flight = max_running + config.max_waiting_requests
-        self.max_waiting_tokens = config.max_waiting_prompt_tokens or step_tokens
+        self.max_waiting_tokens = config.max_waiting_prompt_tokens or max_running * step_tokens
         self._admitted: dict[int, _Admitted] = {}  # id(request): X-Request-Id may repeat request ids
         self.num_waiting_tokens = 0  # prompt tokens of the admitted requests without a first token
         self.refused = 0  # requests (not choices) answered 429

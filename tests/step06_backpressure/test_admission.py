@@ -37,7 +37,7 @@ def test_in_flight_is_bounded_by_rows_plus_waiting_and_beyond_is_a_429() -> None
 
 
 def test_waiting_prompt_tokens_are_bounded_until_the_first_token() -> None:
-    assert Backlog(AdmissionConfig(), max_running=8, step_tokens=77).max_waiting_tokens == 77  # the default
+    assert Backlog(AdmissionConfig(), max_running=8, step_tokens=77).max_waiting_tokens == 8 * 77  # the default
     b = Backlog(AdmissionConfig(max_waiting_prompt_tokens=25), max_running=8, step_tokens=77)
     a = req("a")
     b.admit([a, req("b")])
