@@ -287,6 +287,8 @@ def run(cfg: BenchConfig) -> tuple[dict[str, Any], Path]:
             doc["runs"].extend(_run_target(cfg, spec, prompt_sets, eos_ids(tok), out))
         except Exception as e:  # one failing target must not lose the others' results
             doc["errors"].append({"target": spec.name, "error": f"{type(e).__name__}: {e}"})
+        report.write_json(doc, out / "results.partial.json")  # a run stopped later keeps this target's
+    (out / "results.partial.json").unlink(missing_ok=True)
     doc["ratios"] = report.ratios(doc["runs"])
     report.write_json(doc, out / "results.json")
     report.write_csv(doc, out / "summary.csv", out / "requests.csv")

@@ -40,6 +40,7 @@ def test_bench_against_a_step_and_the_null_server_writes_json_csv_and_plots(tmp_
     for name in ("results.json", "summary.json", "summary.csv", "requests.csv", "throughput_vs_load.png",
                  "latency_percentiles.png", "ttft_distribution.png"):
         assert (out / name).stat().st_size > 0, name
+    assert not (out / "results.partial.json").exists()  # a finished run leaves only the whole file
     assert [(x["target"], x["point"]) for x in doc["runs"]] == [
         ("step01_loader", "c=1"), ("step01_loader", "c=2"), ("null", "c=1"), ("null", "c=2")]
     step = [x for x in doc["runs"] if x["target"] == "step01_loader"]
@@ -94,3 +95,24 @@ def test_bad_arguments_exit_with_a_message_naming_the_flag(tmp_path: Path, capsy
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_stopped_midway_keeps_the_finished_targets_in_a_partial_file(tmp_path: Path, capsys: CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bench._run_target
+    calls = []
+
+    def stop_at_second(cfg, spec, *args):  # the second target: as if the operator pressed Ctrl-C
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, spec, *args)
+
+    monkeypatch.setattr(bench, "_run_target", stop_at_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(out), "--no-progress", "--no-bandwidth", "--target", "null,null",
+                    "--model", "tiny-llama", "--num-requests", "2", "--output-len", "4", "--warmup", "0"])
+    assert not (out / "results.json").exists()
+    doc = json.loads((out / "results.partial.json").read_text())
+    assert [(x["target"], x["summary"]["completed"]) for x in doc["runs"]] == [("null", 2)]
