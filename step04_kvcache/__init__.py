@@ -15,8 +15,9 @@ token; prefills and decodes of different sequences share one forward. ``Sequence
 the loop on its own thread, samples every row that produces a token with ONE call of the shared
 batched sampler, and hands all of the step's tokens to the event loop in one call. An observer
 hook (``observer.py``) reports every step and every finished request, for step 05's metrics.
-On CPU the model's linear layers run on oneDNN with prepacked weights (``--linear-backend``,
-chosen when the engine is built): measured 1.7x faster batch-16 decode steps than MKL's sgemm here.
+On CPU the model's linear layers run on oneDNN with weights prepacked once (``shared/cpu_linear.py``,
+``--linear-backend``, a transform chosen when the engine is built): measured 2x faster batch-16
+decode steps than MKL's sgemm here.
 
 Left out on purpose: a paged cache (the contiguous rows reserve ``max_len`` positions per
 sequence whatever its length: step 07), preemption (a row is never taken back, so never needed
