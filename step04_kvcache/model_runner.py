@@ -24,7 +24,8 @@ from shared.cpu_linear import onednn_usable, use_onednn_linears
 from shared.kv_cache import ContiguousKVCache
 from shared.model import ModelArgs, Transformer
 from shared.models import LoadedModel
-from step04_kvcache.scheduler import SchedulerConfig, SchedulerOutput
+from step04_kvcache.scheduler import PrefillChunk, SchedulerConfig, SchedulerOutput
+from step04_kvcache.sequence import Sequence
 
 log = logging.getLogger("step04_kvcache")
 GIB = 2 ** 30
@@ -77,12 +78,19 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: ContiguousKVCache, device: torch.device) -> None:
         self.model, self.cache, self.device = model, cache, device
 
-    @classmethod
-    def build(cls, lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig, explicit_len: bool) -> ModelRunner:
-        """Our Transformer over the loaded model's weights (shared, not copied) and the cache."""
+    @staticmethod
+    def build_model(lm: LoadedModel, cfg: RunnerConfig) -> Transformer:
+        """Our Transformer over the loaded weights, with the transforms chosen by the flags; later
+        steps' runners (another cache layout) build their model here too."""
         model = Transformer.from_hf_model(lm.model)
         if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
             model = use_onednn_linears(model)
+        return model
+
+    @classmethod
+    def build(cls, lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig, explicit_len: bool) -> ModelRunner:
+        """Our Transformer over the loaded model's weights (shared, not copied) and the cache."""
+        model = cls.build_model(lm, cfg)
         a = model.args
         max_len = cache_row_len(lm.max_model_len, explicit_len, sched.max_seqs, kv_bytes_per_token(a, lm.dtype),
                                 cfg.kv_cache_gib)
@@ -96,18 +104,24 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> BatchInputs:
         """Pack the step's new tokens (decodes first) and keep logits only for the sampling rows."""
-        tokens = [[s.last_token_id] for s in out.decodes]
-        tokens += [list(c.seq.prompt_token_ids[c.start:c.start + c.num_tokens]) for c in out.prefills]
+        tokens = [[s.last_token_id] for s in out.decodes] + [self.chunk_tokens(c) for c in out.prefills]
         context = [s.num_computed_tokens for s in out.decodes] + [c.start for c in out.prefills]
-        rows = [s.slot for s in out.decodes] + [c.seq.slot for c in out.prefills]
-        b = build_batch(tokens, context, [self.cache.block_table(r) for r in rows], self.cache.block_size,
-                        self.device)
+        tables = [self.block_table(s) for s in [*out.decodes, *(c.seq for c in out.prefills)]]
+        b = build_batch(tokens, context, tables, self.cache.block_size, self.device)
         n = len(out.decodes)
         sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
-        if len(sampling) == len(rows):  # the common case: every row samples; build_batch's indices fit
+        if len(sampling) == len(tables):  # the common case: every row samples; build_batch's indices fit
             return b
         index = torch.tensor(sampling, dtype=torch.long, device=self.device)
         return dataclasses.replace(b, logits_indices=b.logits_indices[index])
+
+    def chunk_tokens(self, chunk: PrefillChunk) -> list[int]:
+        """The token ids a prefill chunk feeds (step 07: a recomputed sequence's output too)."""
+        return list(chunk.seq.prompt_token_ids[chunk.start:chunk.start + chunk.num_tokens])
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        """Where a sequence's K/V live: here its cache row (step 07: its blocks)."""
+        return self.cache.block_table(seq.slot)
 
     def forward(self, inputs: BatchInputs) -> torch.Tensor:
         """Logits ``[rows that sample, vocab]``; writes the new tokens' K/V into the cache."""

@@ -145,6 +145,10 @@ class Scheduler:
             self.waiting.remove(seq)
         else:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
-            seq.slot = None
+            self.release(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def release(self, seq: Sequence) -> None:
+        """Give back the cache a running sequence held: here its row (step 07: its blocks)."""
+        self.free_slots.append(seq.slot)
+        seq.slot = None

@@ -13,13 +13,12 @@ import os
 
 import torch
 
-from shared.attention import BatchInputs, build_batch
 from shared.config import flag_field
 from shared.model import Transformer
 from shared.models import LoadedModel
-from step04_kvcache.model_runner import (GIB, ModelRunner, RunnerConfig, kv_bytes_per_token,
-                                         resolve_linear_backend, use_onednn_linears)
-from step04_kvcache.scheduler import SchedulerOutput
+from step04_kvcache.model_runner import GIB, ModelRunner, RunnerConfig, kv_bytes_per_token
+from step04_kvcache.scheduler import PrefillChunk
+from step07_paged_kv.sequence import PagedSequence
 from step07_paged_kv.paged_cache import PagedKVCache
 
 log = logging.getLogger("step07_paged_kv")
@@ -67,9 +66,7 @@ class PagedModelRunner(ModelRunner):
     @classmethod
     def build(cls, lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig,  # type: ignore[override]
               explicit_len: bool) -> PagedModelRunner:
-        model = Transformer.from_hf_model(lm.model)
-        if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
-            model = use_onednn_linears(model)
+        model = cls.build_model(lm, cfg)
         a, bs = model.args, cache_cfg.block_size
         num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, lm.dtype) * bs, lm.device)
         if num_blocks < 2:
@@ -88,17 +85,9 @@ class PagedModelRunner(ModelRunner):
     def max_len(self) -> int:
         return self._max_len
 
-    def prepare(self, out: SchedulerOutput) -> BatchInputs:
-        """Step 04's packing, with each sequence's block table and prompt-or-output tokens
-        (a recomputed sequence prefills its generated tokens too)."""
-        tokens = [[s.last_token_id] for s in out.decodes]
-        tokens += [c.seq.token_ids(c.start, c.start + c.num_tokens) for c in out.prefills]
-        context = [s.num_computed_tokens for s in out.decodes] + [c.start for c in out.prefills]
-        tables = [s.block_table for s in out.decodes] + [c.seq.block_table for c in out.prefills]
-        b = build_batch(tokens, context, tables, self.cache.block_size, self.device)
-        n = len(out.decodes)
-        sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
-        if len(sampling) == len(tables):
-            return b
-        index = torch.tensor(sampling, dtype=torch.long, device=self.device)
-        return dataclasses.replace(b, logits_indices=b.logits_indices[index])
+    def chunk_tokens(self, chunk: PrefillChunk) -> list[int]:
+        """A recomputed (preempted) sequence prefills its generated tokens too."""
+        return list(chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens))
+
+    def block_table(self, seq: PagedSequence) -> list[int]:  # type: ignore[override]
+        return seq.block_table

@@ -8,7 +8,8 @@ ones first) only if its first chunk fits while leaving a watermark of free block
 after the longest run of its leading full blocks already in the prefix cache.
 
 What changed from step 04's :class:`Scheduler`: ``schedule`` (blocks, preemption, prefix hits),
-``update`` (register newly full blocks in the prefix cache), ``finish`` (free blocks, not a row).
+``update`` (register newly full blocks in the prefix cache), ``release`` (what ``finish`` gives back
+for a running sequence: its blocks, not a row).
 ``max_seqs`` now only caps the batch; memory is bounded by the pool, in blocks.
 """
 from __future__ import annotations
@@ -140,14 +141,7 @@ class PagedScheduler(Scheduler):
                 self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         return finished
 
-    def finish(self, seq: PagedSequence, reason: str) -> None:
-        """Take ``seq`` out of ``waiting`` or ``running``; its computed full blocks stay cached."""
-        if seq.status is SequenceStatus.FINISHED:
-            raise ValueError(f"seq: {seq.request_id} already finished ({seq.finish_reason})")
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        else:
-            self.running.remove(seq)
-            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
-            self.block_manager.free(seq)
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+    def release(self, seq: PagedSequence) -> None:  # type: ignore[override]
+        """A finished sequence's computed full blocks stay cached; its blocks go back to the pool."""
+        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
+        self.block_manager.free(seq)

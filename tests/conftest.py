@@ -2,7 +2,8 @@
 
 ``servers(step, model, *flags)`` starts ``python -m <step> --model <model>`` on a free port the
 first time it is asked for, waits for ``/health``, and keeps it for the rest of the session, so
-each (step, model) pair costs one start-up however many tests use it. GPU tests skip without one.
+each (step, model) pair costs one start-up however many tests use it; ``servers.release(...)``
+stops one early (the real-model servers, which are too big to keep together). GPU tests skip without one.
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
             started[key].wait_ready()
         return started[key]
 
+    def release(step: str, model: str = "tiny-llama", *flags: str) -> None:
+        """Stop a server now rather than at the end of the session. Real-model servers take 1.7 to
+        7 GB each (weights, packed copies, a 4 GiB KV cache from step 04 on): eight of them kept
+        alive together are more than a 24 GiB machine holds (the OOM killer took them)."""
+        server = started.pop((step, model, *flags), None)
+        if server is not None:
+            server.stop()
+
+    get.release = release  # type: ignore[attr-defined]
     yield get
     for server in started.values():
         server.stop()

@@ -40,8 +40,11 @@ def test_stops_at_eos_where_transformers_does(servers, step: str) -> None:
 @pytest.mark.parametrize("step", STEPS)
 def test_real_model_follows_the_logprob_rule(servers, step: str) -> None:
     url = servers(step, "gemma-3-270m").url
-    for prompt in PROMPTS[:3]:
-        ids = prompt_ids("gemma-3-270m", prompt)
-        ref = reference_greedy("gemma-3-270m", ids, 16, stop_at_eos=False)
-        got, top, _ = server_greedy(url, ids, 16, stop_at_eos=False)
-        check_logprobs_close(ref, (got, top))
+    try:
+        for prompt in PROMPTS[:3]:
+            ids = prompt_ids("gemma-3-270m", prompt)
+            ref = reference_greedy("gemma-3-270m", ids, 16, stop_at_eos=False)
+            got, top, _ = server_greedy(url, ids, 16, stop_at_eos=False)
+            check_logprobs_close(ref, (got, top))
+    finally:
+        servers.release(step, "gemma-3-270m")  # one real-model server at a time: memory
