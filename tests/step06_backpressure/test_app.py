@@ -130,15 +130,21 @@ def test_limits_on_prompt_max_tokens_timeout_and_body_size() -> None:
     asyncio.run(main())
 
 
+async def start_one_then_drain(app, c) -> tuple[asyncio.Task, asyncio.Event]:
+    """One request running in the engine, then SIGTERM's drain begun; ``done`` is set when it ends."""
+    done = asyncio.Event()
+    running = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4}))
+    await until(lambda: app.state.gate.in_flight == 1)
+    app.state.gate.begin_drain(done.set)
+    return running, done
+
+
 def test_draining_turns_new_work_away_with_503_and_lets_running_requests_finish() -> None:
     engine, app = build()
 
     async def main() -> None:
-        done = asyncio.Event()
         async with client(app) as c:
-            running = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4}))
-            await until(lambda: app.state.gate.in_flight == 1)
-            app.state.gate.begin_drain(done.set)
+            running, done = await start_one_then_drain(app, c)
             error(await c.post("/v1/completions", json={"prompt": "Hi"}), 503, "shutting_down")
             ready = await c.get("/ready")
             assert ready.status_code == 503 and ready.json()["status"] == "draining"
@@ -158,11 +164,8 @@ def test_drain_timeout_cuts_what_is_still_running_and_aborts_it_in_the_engine() 
     engine, app = build(gate=GateConfig(drain_timeout=0.2))
 
     async def main() -> None:
-        done = asyncio.Event()
         async with client(app) as c:
-            running = asyncio.create_task(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4}))
-            await until(lambda: app.state.gate.in_flight == 1)
-            app.state.gate.begin_drain(done.set)
+            running, done = await start_one_then_drain(app, c)
             await asyncio.wait_for(done.wait(), 5)
             assert app.state.gate.in_flight == 0 and app.state.gate.counts["cut_at_drain_timeout"] == 1
             await until(lambda: len(engine.aborted) == 1)
