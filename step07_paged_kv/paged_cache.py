@@ -17,11 +17,13 @@ import dataclasses
 
 import torch
 
+from shared.kv_cache import BlockStorage
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PagedKVCache:
-    k: tuple[torch.Tensor, ...]  # per layer [num_blocks, block_size, num_kv_heads, head_dim]
-    v: tuple[torch.Tensor, ...]
+class PagedKVCache(BlockStorage):
+    """Per layer a pool ``[num_blocks, block_size, num_kv_heads, head_dim]``; ``write`` and
+    ``gather`` are ``BlockStorage``'s (the same as the contiguous cache's), only ``slots`` differs."""
 
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -39,29 +41,10 @@ class PagedKVCache:
         return self.k[0].shape[0]
 
     @property
-    def block_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def _flat(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(-1, *t.shape[2:])  # [num_blocks * block_size, Hkv, D]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self._flat(self.k[layer]).index_copy_(0, slot_mapping, k)
-        self._flat(self.v[layer]).index_copy_(0, slot_mapping, v)
 
     def slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``block_tables [B, max_blocks]``, ``positions [B, L]`` -> slots ``[B, L]``."""
         blocks = block_tables.gather(1, positions // self.block_size)  # [B, L]
         return blocks * self.block_size + positions % self.block_size
-
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gather of paged attention: each sequence's scattered slots into a dense batch
-        (``index_select`` on the flattened slots, as ``ContiguousKVCache`` does: 7x faster on CPU
-        than advanced indexing with the ``[B, L]`` tensor)."""
-        flat, shape = slots.reshape(-1), (*slots.shape, *self.k[layer].shape[2:])
-        return (self._flat(self.k[layer]).index_select(0, flat).view(shape),
-                self._flat(self.v[layer]).index_select(0, flat).view(shape))  # [B, L, Hkv, D]
