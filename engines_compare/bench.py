@@ -130,6 +130,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--duration must be > 0 seconds, got {a.duration}")
     if a.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
+    if a.priority is not None and not -20 <= a.priority <= 19:
+        raise ValueError(f"--priority must be a nice value in -20..19, got {a.priority}")
     return BenchConfig(
         targets=tuple(a.target), model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, workload=workload,
         num_requests=a.num_requests, warmup=a.warmup, concurrency=a.concurrency, request_rate=a.request_rate,

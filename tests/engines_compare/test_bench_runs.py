@@ -90,6 +90,7 @@ def test_a_target_that_cannot_start_is_reported_and_the_others_still_run(tmp_pat
 def test_bad_arguments_exit_with_a_message_naming_the_flag(tmp_path: Path, capsys: CaptureFixture) -> None:
     cases = [(["--target", "null", "--input-len", "10:20"], "--input-len"),
              (["--target", "step99_nothing"], "no step named 'step99_nothing'"),
+             (["--target", "null", "--priority", "-40"], "--priority must be a nice value"),
              (["--target", "null", "--model", "tiny-llama", "--input-len", "3", "--out", str(tmp_path)],
               "--input-len 3 is shorter")]
     for argv, message in cases:
