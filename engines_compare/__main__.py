@@ -1,4 +1,4 @@
-"""One entry point, four tools: ``python -m engines_compare {bench,machine,conform,launch} ...``.
+"""One entry point: ``python -m engines_compare {bench,machine,conform,launch,inprocess,soak,bench-kv} ...``.
 
 Each subcommand's own module parses the rest of the command line and is imported only when
 chosen, so ``bench`` never pays for the conformance suite and ``launch`` never for the client.
@@ -6,6 +6,7 @@ chosen, so ``bench`` never pays for the conformance suite and ``launch`` never f
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 COMMANDS = {
@@ -13,19 +14,18 @@ COMMANDS = {
     "machine": "CPU, cores, GPU and measured memory copy bandwidth of this machine",
     "conform": "the shared conformance suite against one or more server URLs",
     "launch": "start a reference engine (llama.cpp, vLLM) or print its recipe",
+    "inprocess": "drive step 04's engine in-process: throughput, step overhead, observer cost, hand-off",
+    "soak": "repeated overload bursts against a step 06+ server it starts: memory and lost requests",
+    "bench-kv": "bench servers it starts, then record each one's /health (step 07's KV figures)",
 }
+MODULES = {"bench": "engines_compare.bench", "machine": "engines_compare.machine",
+           "conform": "engines_compare.conformance.cli", "launch": "engines_compare.launchers",
+           "inprocess": "engines_compare.inprocess", "soak": "engines_compare.soak", "bench-kv": "engines_compare.bench_kv"}
 
 
 def _dispatch(command: str, rest: list[str]) -> int:
     try:
-        if command == "bench":
-            from engines_compare.bench import main
-        elif command == "machine":
-            from engines_compare.machine import main
-        elif command == "conform":
-            from engines_compare.conformance.cli import main
-        else:
-            from engines_compare.launchers import main
+        main = importlib.import_module(MODULES[command]).main
     except ImportError as e:
         print(f"python -m engines_compare {command}: not available here ({e})", file=sys.stderr)
         return 1

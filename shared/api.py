@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Any, AsyncIterator
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from shared import protocol as P
-from shared.engine import Engine, GenerationRequest, ModelInfo
+from shared.engine import Engine, GenerationRequest, ModelInfo, RequestFacts
 from shared.errors import RequestError
 from shared.request_id import RequestIdMiddleware
 from shared.outputs import OutputProcessor, TextDelta
@@ -58,12 +59,13 @@ class _Choice:
         self.index, self.req, self.proc = index, req, proc
         self.first_of_prompt = first_of_prompt  # usage counts each prompt once, whatever n
         self.engine_done = False
+        self.num_cached_tokens: int | None = None  # from the engine's RequestFacts (None: no prefix cache)
 
 
 def _cached_tokens(choices: list[_Choice]) -> int | None:
     """Prompt tokens the engine took from its prefix cache (vLLM's ``prompt_tokens_details``),
     once per prompt like ``prompt_tokens``; None where the engine has no prefix cache."""
-    counts = [c.proc.num_cached_tokens for c in choices if c.first_of_prompt]
+    counts = [c.num_cached_tokens for c in choices if c.first_of_prompt]
     return None if all(n is None for n in counts) else sum(n or 0 for n in counts)
 
 
@@ -92,6 +94,10 @@ class OpenAIServer:
             raise RequestError(f"{param}: token ids must be in [0, {info.vocab_size})", param=param)
         return tuple(prompt)
 
+    def default_max_tokens(self, room: int) -> int:
+        """``max_tokens`` of a request that gives none: what the context leaves (``room``)."""
+        return room
+
     def _choices(self, base_id: str, prompts: list[tuple[int, ...]], max_tokens: int | None,
                  req: P._Common, logprobs: int | None, prompt_param: str) -> list[_Choice]:
         """One engine request per prompt and per ``n``; choice ``i`` of a seeded request uses
@@ -99,12 +105,14 @@ class OpenAIServer:
         info, out = self.info(), []
         for p_idx, ids in enumerate(prompts):
             limit = P.check_fits(len(ids), max_tokens, info.max_model_len, prompt_param)
+            if max_tokens is None:
+                limit = self.default_max_tokens(limit)
             params = P.sampling_params(req, limit, logprobs)
             for i in range(req.n):
                 if req.seed is not None and i:
                     params = P.sampling_params(req.model_copy(update={"seed": req.seed + i}), limit, logprobs)
                 index = p_idx * req.n + i
-                greq = GenerationRequest(f"{base_id}-{index}", ids, params, time.monotonic())
+                greq = GenerationRequest(f"{base_id}-{index}", ids, params, time.monotonic(), req.timeout)
                 out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop), i == 0))
         return out
 
@@ -112,6 +120,9 @@ class OpenAIServer:
         try:
             async with contextlib.aclosing(self.engine.generate(choice.req)) as events:
                 async for event in events:
+                    if isinstance(event, RequestFacts):  # once, before the first token
+                        choice.num_cached_tokens = event.num_cached_tokens
+                        continue
                     choice.engine_done = event.finish_reason is not None
                     delta = choice.proc.process(event)
                     await queue.put((choice.index, delta))
@@ -259,7 +270,7 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = engine.info() is not None
-        return JSONResponse({"status": "ok" if ready else "loading", **engine.stats()},
+        return JSONResponse({"status": "ok" if ready else "loading", **dataclasses.asdict(engine.stats())},
                             status_code=200 if ready else 503)
 
     app.get("/v1/models")(server.models)

@@ -1,15 +1,22 @@
 """The Engine protocol: the seam between HTTP (``shared.api``) and inference (each step).
 
-The API turns a request into one :class:`GenerationRequest` per choice and reads
-:class:`TokenEvent` s back; it knows nothing of batching. An engine knows nothing of HTTP or
-text: it works in token ids, and stops on token-level rules (EOS, stop token ids, max_tokens).
-Stop *strings* need text, so the API's output processor finds them and calls :meth:`Engine.abort`,
-the same call it makes when a client disconnects: cancellation is a first-class event.
+The API turns a request into one :class:`GenerationRequest` per choice and reads what
+``generate`` yields back: one :class:`RequestFacts` at most (facts about the request that the
+engine learns once, before its first token: prompt tokens found in a prefix cache), then one
+:class:`TokenEvent` per generated token. The API knows nothing of batching. An engine knows
+nothing of HTTP or text: it works in token ids, and stops on token-level rules (EOS, stop token
+ids, max_tokens). Stop *strings* need text, so the API's output processor finds them and calls
+:meth:`Engine.abort`, the same call it makes when a client disconnects: cancellation is a
+first-class event.
+
+``stats()`` returns a frozen dataclass (each step's own; from step 04 on it holds one dataclass
+per part of the engine): ``/health`` serves it as JSON with :func:`dataclasses.asdict`, and
+metrics read its fields.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from shared.sampling import SamplingParams
 
@@ -19,7 +26,15 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    arrival_time: float
+    arrival_time: float  # time.monotonic()
+    timeout: float | None = None  # the client's deadline in seconds from arrival (honoured from step 06 on)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the engine learned about a request before its first token; yielded once, first."""
+
+    num_cached_tokens: int  # prompt tokens taken from a prefix cache (step 07), not computed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -30,7 +45,6 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     finish_reason: str | None = None
-    num_cached_tokens: int | None = None  # prompt tokens taken from a prefix cache (None: no such cache)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,7 +64,7 @@ class Engine(Protocol):
     def info(self) -> ModelInfo | None:
         """The served model, or None while loading."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestFacts | TokenEvent]:
         """Stream the tokens of one sequence; the last event carries ``finish_reason``."""
 
     def abort(self, request_id: str) -> None:
@@ -59,8 +73,8 @@ class Engine(Protocol):
         Synchronous and non-blocking on purpose: it is called from ``finally`` blocks of tasks
         that are being cancelled, where nothing may be awaited."""
 
-    def stats(self) -> dict[str, float]:
-        """Counters for ``/health`` and, in later steps, metrics."""
+    def stats(self) -> Any:
+        """A frozen dataclass of counters, for ``/health`` and metrics."""
 
     async def shutdown(self) -> None:
         """Release threads and memory."""

@@ -12,6 +12,15 @@ longer reads. Step 07's paged cache beats it by handing out small blocks on dema
 the same three methods (``write``, ``slots``, ``gather``; ``write`` and ``gather`` are both
 layouts' :class:`BlockStorage`) so the attention code is unchanged.
 
+Vocabulary (vLLM's, used in every step from 04 on):
+
+* *slot*: one KV position, the K and V of one token in one layer's cache; ``slot_mapping`` names
+  the slots a step's new tokens are written to, and ``kv_slots_used`` counts reserved slots;
+* *row*: step 04's contiguous per-sequence region of ``max_len`` slots (one block of the whole row);
+* *block*: a page of step 07's pool, ``block_size`` slots; a sequence's *block table* lists its
+  blocks (step 04's is ``[row]``);
+* *waiting* / *running*: a sequence with nothing cached yet / with KV room and work each step.
+
 Left out: allocation policy (which row or block a sequence gets: the scheduler's job), swapping,
 prefix sharing, quantized caches.
 """

@@ -70,7 +70,6 @@ class OutputProcessor:
         self._sent = 0  # characters already handed out
         self.num_tokens = 0
         self.finish_reason: str | None = None
-        self.num_cached_tokens: int | None = None  # from the engine, for usage.prompt_tokens_details
 
     @property
     def text(self) -> str:
@@ -78,8 +77,6 @@ class OutputProcessor:
 
     def process(self, event: TokenEvent) -> TextDelta:
         self.num_tokens += 1
-        if event.num_cached_tokens is not None:
-            self.num_cached_tokens = event.num_cached_tokens
         piece = self._detok.push(event.token_id)
         if event.finish_reason is not None:
             piece += self._detok.flush()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from typing import AsyncIterator
 
@@ -9,6 +10,13 @@ from shared.config import ModelConfig
 from shared.engine import GenerationRequest, ModelInfo, TokenEvent
 from shared.hf_runner import generate_tokens, iterate_in_thread
 from shared.models import LoadedModel, load_info, load_model, prepare
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestCounts:
+    """What ``/health`` reports for steps 00-01: requests generating now."""
+
+    num_running: int
 
 
 class BaselineEngine:
@@ -43,8 +51,8 @@ class BaselineEngine:
         if (event := self._cancel.get(request_id)) is not None:
             event.set()
 
-    def stats(self) -> dict[str, float]:
-        return {"running": len(self._cancel)}
+    def stats(self) -> RequestCounts:
+        return RequestCounts(num_running=len(self._cancel))
 
     async def shutdown(self) -> None:
         for event in self._cancel.values():

@@ -7,6 +7,7 @@ import dataclasses
 import threading
 from typing import AsyncIterator
 
+from shared.config import ModelConfig
 from shared.engine import GenerationRequest, TokenEvent
 from shared.hf_runner import generate_tokens, iterate_in_thread
 from step01_loader.engine import LoaderEngine
@@ -21,9 +22,18 @@ class Entry:
     cancelled: threading.Event
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStats:
+    """What ``/health`` reports for steps 02-03."""
+
+    num_running: int
+    num_waiting: int
+    num_generated_tokens: int  # counted by the worker: includes tokens nobody read
+
+
 class QueueEngine(LoaderEngine):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
         self.waiting: collections.deque[Entry] = collections.deque()
         self.running: list[Entry] = []  # step 02 runs one at a time; step 03 runs a batch
         self._wakeup = asyncio.Event()
@@ -78,9 +88,8 @@ class QueueEngine(LoaderEngine):
                 self.running = []
                 entry.out.put_nowait(DONE)
 
-    def stats(self) -> dict[str, float]:
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "generated_tokens": self.generated_tokens}
+    def stats(self) -> QueueStats:
+        return QueueStats(len(self.running), len(self.waiting), self.generated_tokens)
 
     async def shutdown(self) -> None:
         if self._worker is not None:

@@ -6,7 +6,7 @@ import dataclasses
 import threading
 import time
 
-from shared.config import flag_field
+from shared.config import ModelConfig, flag_field
 from shared.hf_runner import iterate_in_thread
 from step02_queue.engine import DONE, Entry, QueueEngine
 from step03_batching.batch_runner import generate_batch
@@ -28,7 +28,7 @@ class BatchConfig:
 
 
 class BatchingEngine(QueueEngine):
-    def __init__(self, cfg: object, batch: BatchConfig) -> None:
+    def __init__(self, cfg: ModelConfig, batch: BatchConfig) -> None:
         super().__init__(cfg)
         self.batch_cfg = batch
 
@@ -67,6 +67,3 @@ class BatchingEngine(QueueEngine):
                 self.running = []
                 for entry in batch:
                     entry.out.put_nowait(DONE)
-
-    def stats(self) -> dict[str, float]:
-        return {**super().stats(), "max_batch": self.batch_cfg.max_batch}

@@ -9,12 +9,25 @@ What changed from step 03: the forward pass is ``shared/model.py`` (our plain-to
 same weights as transformers', which step 03 ran) with an explicit KV cache, a
 ``ContiguousKVCache`` of ``--max-seqs`` rows x ``--max-model-len`` positions, one row per running
 sequence. A prompt is prefilled (possibly in chunks) into its row, then each decode step feeds one
-token; prefills and decodes of different sequences share one forward. ``Sequence`` /
-``Scheduler.schedule() -> SchedulerOutput`` (``scheduler.py``) decide each step, ``ModelRunner``
-(``model_runner.py``) packs it into one forward, and the ``ContinuousEngine`` (``engine.py``) runs
-the loop on its own thread, samples every row that produces a token with ONE call of the shared
-batched sampler, and hands all of the step's tokens to the event loop in one call. An observer
-hook (``observer.py``) reports every step and every finished request, for step 05's metrics.
+token; prefills and decodes of different sequences share one forward.
+
+The engine is ONE loop assembled from parts, and every later step reuses it with other parts:
+
+* ``EngineCore`` (``engine_core.py``): schedule -> prepare -> forward -> sample -> update, written
+  once; its parts are constructor arguments: a ``Scheduler``, a ``ModelRunner``, observers
+  (``observer.py``: every step and every finished request are reported, for step 05's metrics)
+  and step policies (step 06's deadlines). It samples every row that produces a token with ONE
+  call of the shared batched sampler.
+* ``ContiguousScheduler`` (``scheduler.py``; ``Sequence`` in ``sequence.py``): who runs each step,
+  one row per running sequence. ``ModelRunner`` (``model_runner.py``): the model and its cache,
+  one forward per step.
+* ``AsyncEngine`` (``engine.py``): the ``Engine`` protocol around the core: loads the weights,
+  builds the core (``build_core``, the step's assembly), runs it on its own thread and hands all
+  of a step's tokens to the event loop in one call; request policies (step 06's admission) are
+  asked on the event loop.
+
+``__main__.py`` shows the assembly: ``EngineCore(scheduler=ContiguousScheduler(...),
+runner=build_contiguous_runner(...))`` inside ``AsyncEngine``.
 On CPU the model's linear layers run on oneDNN with weights prepacked once (``shared/cpu_linear.py``,
 ``--linear-backend``, a transform chosen when the engine is built): measured 2x faster batch-16
 decode steps than MKL's sgemm here.

@@ -1,11 +1,27 @@
-from shared.config import from_args
+import argparse
+
+from fastapi import FastAPI
+
+from shared.api import build_app
+from shared.config import ModelConfig, from_args
+from shared.models import LoadedModel
 from shared.server import run_step
 from step04_kvcache import __doc__
-from step04_kvcache.engine import ContinuousEngine
-from step04_kvcache.model_runner import RunnerConfig
-from step04_kvcache.scheduler import SchedulerConfig
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
+
+
+def assemble(ns: argparse.Namespace) -> FastAPI:
+    model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
+
+    def build_core(lm: LoadedModel) -> EngineCore:  # once the weights are loaded
+        runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=model.max_model_len > 0)
+        return EngineCore(scheduler=ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner=runner)
+
+    return build_app(AsyncEngine(model, build_core))
+
 
 if __name__ == "__main__":
-    run_step("step04_kvcache", __doc__,
-             lambda cfg, ns: ContinuousEngine(cfg, from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)),
-             SchedulerConfig, RunnerConfig)
+    run_step("step04_kvcache", __doc__, assemble, SchedulerConfig, RunnerConfig)

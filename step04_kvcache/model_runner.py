@@ -1,11 +1,10 @@
-"""The model side of a step: our Transformer, its contiguous KV cache, and one forward per step.
+"""The model side of a step: our Transformer, its KV cache, and one forward per step.
 
-The cache is ``shared.kv_cache.ContiguousKVCache``: ``max_seqs`` rows of ``max_len`` positions,
+Step 04's cache is ``shared.kv_cache.ContiguousKVCache``: ``max_seqs`` rows of ``max_len`` positions,
 allocated once at start-up, one row per running sequence (its block table is ``[row]``). It is
-the simplest layout and deliberately wasteful: every row reserves ``max_len`` positions whatever
+the simplest layout and deliberately wasteful: every row reserves ``max_len`` slots whatever
 its sequence's length, so ``--max-seqs`` x ``--max-model-len`` must fit in ``--kv-cache-gib``
 (Gemma 3 270M, float32: 36 KiB per token, so its full 32k context for 16 rows would need 19 GiB).
-Step 07's paged cache hands out small blocks on demand instead.
 
 The linear layers run on oneDNN with prepacked weights by default on CPU (``--linear-backend``,
 the transform in :mod:`shared.cpu_linear`): a choice made when the engine is built, the model
@@ -15,20 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Generic, TypeVar
 
 import torch
 
 from shared.attention import BatchInputs, build_batch
 from shared.config import flag_field
 from shared.cpu_linear import onednn_usable, use_onednn_linears
-from shared.kv_cache import ContiguousKVCache
+from shared.kv_cache import ContiguousKVCache, KVCache
 from shared.model import ModelArgs, Transformer
 from shared.models import LoadedModel
-from step04_kvcache.scheduler import PrefillChunk, SchedulerConfig, SchedulerOutput
-from step04_kvcache.sequence import Sequence
+from step04_kvcache.scheduler import SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("step04_kvcache")
 GIB = 2 ** 30
+C = TypeVar("C", bound=KVCache)  # the cache layout
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,39 +74,29 @@ def cache_row_len(model_len: int, explicit: bool, max_seqs: int, bytes_per_token
     return fits
 
 
-class ModelRunner:
-    def __init__(self, model: Transformer, cache: ContiguousKVCache, device: torch.device) -> None:
+def build_model(lm: LoadedModel, cfg: RunnerConfig) -> Transformer:
+    """Our Transformer over the loaded weights (shared, not copied), with the transforms the flags
+    choose (here the linear backend; later steps add theirs)."""
+    model = Transformer.from_hf_model(lm.model)
+    if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
+        model = use_onednn_linears(model)
+    return model
+
+
+class ModelRunner(Generic[C]):
+    """One forward per step over any cache layout (``shared.kv_cache.KVCache``): it packs the
+    scheduled tokens, their positions and their sequences' block tables into one batch."""
+
+    def __init__(self, model: Transformer, cache: C, device: torch.device, max_len: int) -> None:
         self.model, self.cache, self.device = model, cache, device
-
-    @staticmethod
-    def build_model(lm: LoadedModel, cfg: RunnerConfig) -> Transformer:
-        """Our Transformer over the loaded weights, with the transforms chosen by the flags; later
-        steps' runners (another cache layout) build their model here too."""
-        model = Transformer.from_hf_model(lm.model)
-        if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
-            model = use_onednn_linears(model)
-        return model
-
-    @classmethod
-    def build(cls, lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig, explicit_len: bool) -> ModelRunner:
-        """Our Transformer over the loaded model's weights (shared, not copied) and the cache."""
-        model = cls.build_model(lm, cfg)
-        a = model.args
-        max_len = cache_row_len(lm.max_model_len, explicit_len, sched.max_seqs, kv_bytes_per_token(a, lm.dtype),
-                                cfg.kv_cache_gib)
-        cache = ContiguousKVCache.allocate(a.num_layers, sched.max_seqs, max_len, a.num_kv_heads, a.head_dim,
-                                           lm.dtype, lm.device)
-        return cls(model, cache, lm.device)
-
-    @property
-    def max_len(self) -> int:
-        return self.cache.block_size
+        self.max_len = max_len  # most tokens a sequence may hold: the context the engine serves
 
     def prepare(self, out: SchedulerOutput) -> BatchInputs:
         """Pack the step's new tokens (decodes first) and keep logits only for the sampling rows."""
-        tokens = [[s.last_token_id] for s in out.decodes] + [self.chunk_tokens(c) for c in out.prefills]
+        tokens = [[s.last_token_id] for s in out.decodes]
+        tokens += [list(c.seq.token_ids(c.start, c.start + c.num_tokens)) for c in out.prefills]
         context = [s.num_computed_tokens for s in out.decodes] + [c.start for c in out.prefills]
-        tables = [self.block_table(s) for s in [*out.decodes, *(c.seq for c in out.prefills)]]
+        tables = [s.block_table for s in out.scheduled_seqs]
         b = build_batch(tokens, context, tables, self.cache.block_size, self.device)
         n = len(out.decodes)
         sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
@@ -115,15 +105,20 @@ class ModelRunner:
         index = torch.tensor(sampling, dtype=torch.long, device=self.device)
         return dataclasses.replace(b, logits_indices=b.logits_indices[index])
 
-    def chunk_tokens(self, chunk: PrefillChunk) -> list[int]:
-        """The token ids a prefill chunk feeds (step 07: a recomputed sequence's output too)."""
-        return list(chunk.seq.prompt_token_ids[chunk.start:chunk.start + chunk.num_tokens])
-
-    def block_table(self, seq: Sequence) -> list[int]:
-        """Where a sequence's K/V live: here its cache row (step 07: its blocks)."""
-        return self.cache.block_table(seq.slot)
-
     def forward(self, inputs: BatchInputs) -> torch.Tensor:
         """Logits ``[rows that sample, vocab]``; writes the new tokens' K/V into the cache."""
         return self.model(inputs.input_ids, inputs.positions, self.cache, inputs.attn_metadata,
                           inputs.logits_indices)
+
+
+def build_contiguous_runner(lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig,
+                            explicit_len: bool) -> ModelRunner[ContiguousKVCache]:
+    """Step 04's runner: the model and a contiguous cache of ``--max-seqs`` rows, each as long as
+    ``--kv-cache-gib`` allows (at most the model's context)."""
+    model = build_model(lm, cfg)
+    a = model.args
+    max_len = cache_row_len(lm.max_model_len, explicit_len, sched.max_seqs, kv_bytes_per_token(a, lm.dtype),
+                            cfg.kv_cache_gib)
+    cache = ContiguousKVCache.allocate(a.num_layers, sched.max_seqs, max_len, a.num_kv_heads, a.head_dim,
+                                       lm.dtype, lm.device)
+    return ModelRunner(model, cache, lm.device, max_len)

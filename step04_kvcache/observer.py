@@ -1,7 +1,7 @@
-"""The engine's observer hook: what it reports after every step and every finished request.
+"""The engine's observers: what the loop reports after every step and every finished request.
 
-Step 05 (metrics) subscribes by passing its own :class:`EngineObserver` to the engine; no step 04
-code path changes. The callbacks run on the engine thread between two steps, so they must be
+An observer is a part of the engine (``EngineCore(..., observers=[...])``); step 05's metrics and
+request log are two. No step 04 code path changes for them. The callbacks run on the engine thread between two steps, so they must be
 short (counters, a histogram observation) and thread-safe if they share state with the event loop.
 Times: ``*_time`` fields are ``time.monotonic()`` instants (``GenerationRequest.arrival_time``'s
 clock); ``*_s`` fields are durations in seconds from ``time.perf_counter()``.
@@ -21,13 +21,13 @@ class StepStats:
     num_sampled: int  # rows that produced a token (decodes and prefills that ended their prompt)
     num_running: int  # after the step
     num_waiting: int
-    kv_slots_used: int
+    kv_slots_used: int  # KV positions reserved by running sequences (the scheduler's accounting)
     kv_slots_total: int
     schedule_s: float  # reap aborted requests, admit, choose the batch
     prepare_s: float  # build_batch: input ids, positions, attention metadata (once per step)
     model_s: float  # Transformer.forward (attention plans, layers, LM head on sampling rows)
     sample_s: float  # the one batched sample() call
-    step_s: float  # the whole step, including bookkeeping and the hand-off to the event loop
+    step_s: float  # the whole step, including bookkeeping (not the hand-off of its events)
 
     @property
     def batch_size(self) -> int:
@@ -60,12 +60,3 @@ class EngineObserver(Protocol):
 
     def on_request_finished(self, stats: RequestStats) -> None: ...
 
-
-class NullObserver:
-    """The default: observes nothing, costs one method call per step and per request."""
-
-    def on_step(self, stats: StepStats) -> None:
-        pass
-
-    def on_request_finished(self, stats: RequestStats) -> None:
-        pass

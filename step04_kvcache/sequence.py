@@ -1,16 +1,21 @@
-"""A request as the scheduler sees it: tokens, progress through the prompt, and a cache row.
+"""A request as the scheduler sees it: tokens, progress through the prompt, and where its KV lives.
 
-vLLM's vocabulary. A :class:`Sequence` is WAITING (no cache row yet), RUNNING (owns a row of the
-contiguous KV cache: ``slot``) or FINISHED. ``num_computed_tokens`` counts the tokens whose keys
-and values are already in its row; the rest are what the next step must feed:
+vLLM's vocabulary. A :class:`Sequence` is WAITING (nothing cached yet), RUNNING (its keys and
+values are in the cache, at the slots its ``block_table`` names) or FINISHED.
+``num_computed_tokens`` counts the tokens whose keys and values are already cached; the rest are
+what the next step must feed:
 
-* prefilling: ``num_computed_tokens < num_prompt_tokens`` (the prompt, possibly in chunks);
+* prefilling: ``num_computed_tokens < prefill_target`` (the prompt, possibly in chunks);
 * decoding: every token but the last sampled one is cached, so each step feeds exactly one.
+
+Here the block table is one entry, the sequence's row of the contiguous cache: a row is one block
+of ``max_len`` slots, and attention finds a token's K/V through it like through any block table.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Sequence as Seq
 
 import torch
 
@@ -33,7 +38,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
-    slot: int | None = None  # the KV-cache row it owns while RUNNING
+    block_table: list[int] = dataclasses.field(default_factory=list)  # edited by the scheduler only
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     first_scheduled_time: float | None = None  # the step that first ran it: its queue time ends
     first_token_time: float | None = None
@@ -52,9 +57,21 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens to cache before the first decode: the prompt."""
+        return self.num_prompt_tokens
+
+    @property
     def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < len(self.prompt_token_ids)
+        return self.num_computed_tokens < self.prefill_target
 
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids(self, start: int, end: int) -> Seq[int]:
+        """Tokens ``start:end`` of prompt + output, without building the whole list."""
+        n = self.num_prompt_tokens
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return [*self.prompt_token_ids[start:n], *self.output_token_ids[max(start - n, 0):end - n]]

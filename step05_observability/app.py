@@ -5,22 +5,20 @@ otherwise the generated one echoed) lives in ``shared/api.py``, so every step ha
 """
 from __future__ import annotations
 
-import argparse
-
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared.api import build_app
-from step05_observability.engine import ObservedEngine
+from shared.engine import Engine
 
 
-def add_metrics_route(app: FastAPI, engine: ObservedEngine) -> None:
+def add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(engine.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def make_app(engine: ObservedEngine, ns: argparse.Namespace | None = None) -> FastAPI:
+def make_app(engine: Engine, registry: CollectorRegistry) -> FastAPI:
     app = build_app(engine)
-    add_metrics_route(app, engine)
+    add_metrics_route(app, registry)
     return app

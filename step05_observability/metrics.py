@@ -1,8 +1,8 @@
 """Prometheus metrics of the engine, vLLM's meanings under the ``stepserve:`` prefix.
 
 Counters and histograms are fed by the observer callbacks on the engine thread (cheap: a few
-``inc``/``observe`` calls, each a lock and a bucket search); the gauges are read from
-``engine.stats()`` when Prometheus scrapes, so an idle server reports its real state.
+``inc``/``observe`` calls, each a lock and a bucket search); the gauges read fields of the engine's
+typed ``EngineStats`` when Prometheus scrapes, so an idle server reports its real state.
 
 Inter-token latency: the engine has no per-token timestamps, but every running sequence that has
 finished its prompt decodes one token in every step (step 04's scheduler), so the gap between two
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from step04_kvcache.engine import EngineStats
 from step04_kvcache.observer import RequestStats, StepStats
 
 PREFIX = "stepserve:"
@@ -30,6 +31,14 @@ TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
                          10.0)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def new_registry() -> CollectorRegistry:
+    """One registry per engine, never the global one, so that many engines can live in one
+    process; with the process's CPU seconds, resident memory and open fds."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
 
 
 class EngineMetrics:
@@ -67,13 +76,19 @@ class EngineMetrics:
         self.iteration_tokens = h("iteration_tokens_total", "Tokens fed in one engine step", COUNT_BUCKETS)
         self._last_step_time: float | None = None  # engine thread only
 
-    def bind_gauges(self, stats: Callable[[], dict[str, float]]) -> None:
-        """Gauges read ``stats()`` (the engine's /health numbers) at scrape time."""
+    def bind_gauges(self, stats: Callable[[], EngineStats]) -> None:
+        """Gauges read the engine's stats (``/health``'s numbers) at scrape time."""
         r, p = self.registry, PREFIX
-        for name, key, doc in (("num_requests_running", "running", "Requests in the running batch"),
-                               ("num_requests_waiting", "waiting", "Requests waiting to be scheduled"),
-                               ("kv_cache_usage_perc", "kv_usage", "Fraction of KV-cache rows in use (0-1)")):
-            Gauge(p + name, doc, registry=r).set_function(lambda key=key: stats().get(key, 0.0))
+
+        def read(field: Callable[[EngineStats], float]) -> Callable[[], float]:
+            return lambda: field(s) if (s := stats()).scheduler is not None else 0.0
+
+        Gauge(p + "num_requests_running", "Requests in the running batch", registry=r).set_function(
+            read(lambda s: s.scheduler.num_running))
+        Gauge(p + "num_requests_waiting", "Requests waiting to be scheduled", registry=r).set_function(
+            read(lambda s: s.scheduler.num_waiting + s.num_pending))
+        Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache slots reserved (0-1)", registry=r).set_function(
+            read(lambda s: s.scheduler.kv_usage))
 
     # ---- observer callbacks: the engine thread ------------------------------------------------
 

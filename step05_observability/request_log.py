@@ -11,13 +11,21 @@ the microsecond; ``null`` where the request never reached that point (aborted wh
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 
-from step04_kvcache.observer import RequestStats, StepStats
+from shared.config import flag_field
+from step04_kvcache.observer import EngineObserver, RequestStats, StepStats
 
 LOGGER = "step05_observability.requests"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    request_log: bool = flag_field(True, "log one JSON line per finished request on stderr "
+                                   "(logger step05_observability.requests)")
 
 
 def _span(a: float | None, b: float | None) -> float | None:
@@ -71,3 +79,8 @@ class RequestLog:
     def on_request_finished(self, stats: RequestStats) -> None:
         if self.logger.isEnabledFor(logging.INFO):
             self.logger.info(request_record(stats))
+
+
+def request_log(cfg: ObservabilityConfig, logger: logging.Logger | None = None) -> list[EngineObserver]:
+    """The request-log observer if ``--request-log`` is on (the default), else none."""
+    return [RequestLog(logger or json_logger())] if cfg.request_log else []

@@ -5,12 +5,15 @@ plus ``--max-waiting-requests``; prompt tokens waiting for their first token); b
 answer is an immediate 429 with ``Retry-After`` and OpenAI's error object, so the requests already
 admitted keep their latency.
 
-What it adds to step 05 (files in this package):
+What it adds to step 05 (files in this package; ``__main__.py`` assembles step 05's engine with
+the two policies: ``AsyncEngine(..., request_policies=[backlog])`` around
+``EngineCore(..., policies=[deadlines])``):
 
 * ``admission.py``: ``AdmissionConfig`` (``--max-waiting-requests``, ``--max-waiting-prompt-tokens``,
-  ``--retry-after``, ``--request-timeout``) and the ``Backlog`` the API admits into;
-* ``engine.py``: ``BackpressureEngine`` (step 05's ``ObservedEngine`` + the backlog + deadlines:
-  an error before the first token, ``finish_reason`` "length" after it);
+  ``--retry-after``, ``--request-timeout``) and the ``Backlog`` the API admits into; it is also the
+  engine's request policy (claimed when the engine starts a request, freed when it ends);
+* ``deadlines.py``: ``Deadlines``, a step policy of the engine core: an error before the first
+  token, ``finish_reason`` "length" after it;
 * ``gate.py``: ``Gate``, an ASGI middleware: body size (413), disconnects cancel at once, slow
   readers (a bounded per-stream outbox; overflow aborts that stream), graceful shutdown on SIGTERM
   (503 while draining, ``--drain-timeout``);

@@ -1,23 +1,43 @@
 import argparse
 
+from fastapi import FastAPI
+
 from shared.config import ModelConfig, from_args
+from shared.models import LoadedModel
 from shared.server import run_step
-from step04_kvcache.model_runner import RunnerConfig
-from step04_kvcache.scheduler import SchedulerConfig
-from step05_observability.engine import ObservabilityConfig
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
+from step05_observability.metrics import EngineMetrics, new_registry
+from step05_observability.request_log import ObservabilityConfig, request_log
 from step06_backpressure import __doc__
-from step06_backpressure.admission import AdmissionConfig
+from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
-from step06_backpressure.engine import BackpressureEngine
+from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import GateConfig
 
 
-def _engine(cfg: ModelConfig, ns: argparse.Namespace) -> BackpressureEngine:
-    return BackpressureEngine(cfg, from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns),
-                              from_args(ObservabilityConfig, ns), admission=from_args(AdmissionConfig, ns))
+def assemble(ns: argparse.Namespace) -> FastAPI:
+    model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
+    registry = new_registry()
+    metrics = EngineMetrics(registry)
+    observers = [metrics, *request_log(from_args(ObservabilityConfig, ns))]
+    admission = from_args(AdmissionConfig, ns)
+    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)  # step 06's parts: two policies
+    deadlines = Deadlines(admission.request_timeout)
+
+    def build_core(lm: LoadedModel) -> EngineCore:
+        runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=model.max_model_len > 0)
+        return EngineCore(scheduler=ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner=runner,
+                          observers=observers, policies=[deadlines])
+
+    engine = AsyncEngine(model, build_core, request_policies=[backlog])
+    metrics.bind_gauges(engine.stats)
+    return make_app(engine, backlog, deadlines, ns, registry)
 
 
 if __name__ == "__main__":
     # The gate drains first (--drain-timeout); uvicorn's own graceful wait then has little left to do.
-    run_step("step06_backpressure", __doc__, _engine, SchedulerConfig, RunnerConfig, ObservabilityConfig,
-             AdmissionConfig, LimitsConfig, GateConfig, make_app=make_app, uvicorn_options=lambda ns: {"timeout_graceful_shutdown": 2})
+    run_step("step06_backpressure", __doc__, assemble, SchedulerConfig, RunnerConfig, ObservabilityConfig,
+             AdmissionConfig, LimitsConfig, GateConfig, uvicorn_options=lambda ns: {"timeout_graceful_shutdown": 2})

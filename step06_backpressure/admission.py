@@ -17,9 +17,12 @@ request (``n``, several prompts) is one engine request and counts as one; a requ
 are admitted or refused together.
 
 The backlog lives on the event loop: the API admits a request's choices (before the response
-starts, so a refusal can still be a 429), the engine's ``generate`` claims each one, marks its first
-token and removes it when it ends. A reservation that ``generate`` never claims (the client left
-between the two) is released by the API, or expires after ``STALE_S``.
+starts, so a refusal can still be a 429); the backlog is also one of the engine's request policies
+(``AsyncEngine(..., request_policies=[backlog])``), so the engine's ``generate`` claims each choice
+(``on_arrival``; a request that comes without the API is admitted there, so the bound holds for
+in-process use too), marks its first token and removes it when it ends. A reservation that
+``generate`` never claims (the client left between the two) is released by the API, or expires
+after ``STALE_S``.
 """
 from __future__ import annotations
 
@@ -59,6 +62,15 @@ class AdmissionConfig:
             raise ValueError(f"request_timeout must be >= 0, got {self.request_timeout}")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdmissionStats:
+    num_in_flight: int  # admitted requests not yet ended
+    max_in_flight: int
+    num_waiting_prompt_tokens: int  # of the admitted requests without a first token
+    max_waiting_prompt_tokens: int
+    num_refused: int  # requests (not choices) answered 429
+
+
 @dataclasses.dataclass(slots=True)
 class _Admitted:
     request: GenerationRequest  # held, so that its id() stays unique while it is here
@@ -69,6 +81,8 @@ class _Admitted:
 
 class Backlog:
     """The admitted requests, until they end. Event loop only (no locks needed)."""
+
+    name = "admission"
 
     def __init__(self, config: AdmissionConfig, max_running: int, step_tokens: int = 256) -> None:
         """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget."""
@@ -141,6 +155,20 @@ class Backlog:
         for a in [a for a in self._admitted.values() if not a.claimed and now - a.since > STALE_S]:
             self.finish(a.request)
 
-    def stats(self) -> dict[str, float]:
-        return {"admission_in_flight": self.num_in_flight, "admission_max_in_flight": self.max_in_flight,
-                "admission_waiting_prompt_tokens": self.num_waiting_tokens, "refused_requests": self.refused}
+    # ---- the engine's request-policy hooks (step 04's ``RequestPolicy``) ------------------------
+
+    def on_arrival(self, request: GenerationRequest) -> None:
+        """The engine starts ``request``: claim the API's reservation, or admit it now (or 429)."""
+        if not self.claim(request):
+            self.admit([request])
+            self.claim(request)
+
+    def on_first_token(self, request: GenerationRequest) -> None:
+        self.first_token(request)
+
+    def on_finish(self, request: GenerationRequest) -> None:
+        self.finish(request)
+
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self.num_in_flight, self.max_in_flight, self.num_waiting_tokens,
+                              self.max_waiting_tokens, self.refused)

@@ -56,6 +56,17 @@ class GateConfig:
             raise ValueError(f"max_body_bytes and max_buffered_chunks must be >= 1 and drain_timeout >= 0: {self}")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class GateStats:
+    num_in_flight: int  # requests past the gate, not yet answered
+    draining: bool
+    num_turned_away: int  # 503 while draining
+    num_too_large: int  # 413
+    num_disconnects: int  # clients that left before their answer ended
+    num_slow_reader_aborts: int
+    num_cut_at_drain_timeout: int
+
+
 class SlowReader(Exception):
     """Raised into the app's ``send`` when its client is ``max_buffered_chunks`` behind."""
 
@@ -119,6 +130,11 @@ class Gate:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def stats(self) -> GateStats:
+        c = self.counts
+        return GateStats(self.in_flight, self.draining, c["turned_away"], c["too_large"], c["disconnects"],
+                         c["slow_reader_aborts"], c["cut_at_drain_timeout"])
 
     async def handle(self, app: Any, scope: Message, receive: Any, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -1,7 +1,8 @@
 """Step 06's numbers in step 05's registry (``/metrics``), read when Prometheus scrapes.
 
-A collector rather than counters fed at each event: the backlog and the gate already count, so
-the exposed numbers cannot drift from ``/ready``'s. Names follow step 05's ``stepserve:`` prefix:
+A collector rather than counters fed at each event: the backlog, the deadline policy and the gate
+already count (their typed stats), so the exposed numbers cannot drift from ``/ready``'s. Names
+follow step 05's ``stepserve:`` prefix:
 
 * ``stepserve:requests_refused_total{reason}``: turned away before any work: ``overloaded`` (429),
   ``shutting_down`` (503 while draining), ``too_large`` (413);
@@ -17,29 +18,32 @@ from typing import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from step05_observability.metrics import PREFIX
-from step06_backpressure.engine import BackpressureEngine
+from step06_backpressure.admission import Backlog
+from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import Gate
 
 
 class BackpressureCollector:
-    def __init__(self, engine: BackpressureEngine, gate: Gate) -> None:
-        self.engine, self.gate = engine, gate
+    def __init__(self, backlog: Backlog, deadlines: Deadlines | None, gate: Gate) -> None:
+        self.backlog, self.deadlines, self.gate = backlog, deadlines, gate
 
     def collect(self) -> Iterator[Metric]:
-        counts, backlog = self.gate.counts, self.engine.backlog
+        g, a = self.gate.stats(), self.backlog.stats()
+        deadline = self.deadlines.stats().num_deadlines_exceeded if self.deadlines is not None else 0
         refused = CounterMetricFamily(PREFIX + "requests_refused", "Requests turned away before any work, "
                                       "by reason (overloaded: 429, shutting_down: 503, too_large: 413)", labels=["reason"])
-        for reason, n in (("overloaded", backlog.refused), ("shutting_down", counts["turned_away"]),
-                          ("too_large", counts["too_large"])):
+        for reason, n in (("overloaded", a.num_refused), ("shutting_down", g.num_turned_away),
+                          ("too_large", g.num_too_large)):
             refused.add_metric([reason], n)
         yield refused
         cut = CounterMetricFamily(PREFIX + "requests_cut", "Admitted requests ended early, by reason (deadline, "
                                   "slow_reader, drain_timeout, client_disconnect)", labels=["reason"])
-        for reason, n in (("deadline", self.engine.deadlines_exceeded), ("slow_reader", counts["slow_reader_aborts"]),
-                          ("drain_timeout", counts["cut_at_drain_timeout"]), ("client_disconnect", counts["disconnects"])):
+        for reason, n in (("deadline", deadline), ("slow_reader", g.num_slow_reader_aborts),
+                          ("drain_timeout", g.num_cut_at_drain_timeout), ("client_disconnect", g.num_disconnects)):
             cut.add_metric([reason], n)
         yield cut
         yield GaugeMetricFamily(PREFIX + "admission_in_flight_requests", "Admitted requests not yet ended: at most "
-                                "--max-seqs + --max-waiting-requests", value=backlog.num_in_flight)
+                                "--max-seqs + --max-waiting-requests", value=a.num_in_flight)
         yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Prompt tokens of the admitted requests "
-                                "without a first token: at most --max-waiting-prompt-tokens", value=backlog.num_waiting_tokens)
+                                "without a first token: at most --max-waiting-prompt-tokens",
+                                value=a.num_waiting_prompt_tokens)

@@ -10,11 +10,14 @@ What changed from step 04: the cache is ``PagedKVCache`` (``paged_cache.py``: pe
 attention) without a line changed. ``BlockManager`` (``block_manager.py``: ``can_allocate``,
 ``allocate``, ``append_slots``, ``free``, chained hashes, reference counts, LRU eviction of free
 cached blocks) owns the pool; ``PagedScheduler`` (``scheduler.py``) allocates on demand, skips
-cached prefixes in prefill, and preempts; ``PagedModelRunner`` sizes the pool by bytes
-(``--kv-cache-gib``, ``--kv-cache-memory-fraction`` or ``--num-kv-blocks``); ``PagedEngine``
-(a step 06 ``BackpressureEngine``, so metrics, admission and deadlines stay) plugs them into
-step 04's loop through its factory hooks and reports KV usage in blocks,
-preemptions and prefix-cache queries and hits (``/health``, ``usage.prompt_tokens_details``).
+cached prefixes in prefill, preempts, and reports KV usage in blocks, waste
+(``kv_accounting.py``), preemptions and prefix-cache queries and hits (``/health``, ``/metrics``),
+and each request's cached prompt tokens (``usage.prompt_tokens_details``);
+``build_paged_runner`` (``model_runner.py``) sizes the pool by bytes (``--kv-cache-gib``,
+``--kv-cache-memory-fraction`` or ``--num-kv-blocks``) under step 04's ``ModelRunner``.
+``__main__.py`` assembles step 06's engine with these two parts swapped in, so metrics,
+admission and deadlines stay: ``EngineCore(scheduler=PagedScheduler(..., BlockManager(...)),
+runner=build_paged_runner(...), observers=[...], policies=[deadlines])``.
 
 Sliding-window layers (Gemma 3): blocks that leave the window are NOT freed. One block table
 serves all layers, and the global layers (every sixth in Gemma 3) still read every position, so a

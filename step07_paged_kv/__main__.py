@@ -1,25 +1,50 @@
 import argparse
 
+from fastapi import FastAPI
+
 from shared.config import ModelConfig, from_args
+from shared.models import LoadedModel
 from shared.server import run_step
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
 from step04_kvcache.model_runner import RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
-from step05_observability.engine import ObservabilityConfig
-from step06_backpressure.admission import AdmissionConfig
+from step05_observability.metrics import EngineMetrics, new_registry
+from step05_observability.request_log import ObservabilityConfig, request_log
+from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
+from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import GateConfig
 from step07_paged_kv import __doc__
-from step07_paged_kv.engine import PagedEngine
-from step07_paged_kv.model_runner import PagedCacheConfig
+from step07_paged_kv.block_manager import BlockManager
+from step07_paged_kv.metrics import PagedKVCollector
+from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
+from step07_paged_kv.scheduler import PagedScheduler
 
 
-def _engine(cfg: ModelConfig, ns: argparse.Namespace) -> PagedEngine:
-    return PagedEngine(cfg, from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns),
-                       from_args(ObservabilityConfig, ns), admission=from_args(AdmissionConfig, ns),
-                       cache=from_args(PagedCacheConfig, ns))
+def assemble(ns: argparse.Namespace) -> FastAPI:
+    """Step 06's engine and app with step 07's parts swapped in: the paged runner and scheduler."""
+    model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
+    cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
+    registry = new_registry()
+    metrics = EngineMetrics(registry)
+    observers = [metrics, *request_log(from_args(ObservabilityConfig, ns))]
+    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
+    deadlines = Deadlines(admission.request_timeout)
+
+    def build_core(lm: LoadedModel) -> EngineCore:
+        runner = build_paged_runner(lm, runner_cfg, cache_cfg, explicit_len=model.max_model_len > 0)
+        blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
+        return EngineCore(scheduler=PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner=runner,
+                          observers=observers, policies=[deadlines])
+
+    engine = AsyncEngine(model, build_core, request_policies=[backlog])
+    metrics.bind_gauges(engine.stats)
+    registry.register(PagedKVCollector(lambda: engine.stats().scheduler))
+    return make_app(engine, backlog, deadlines, ns, registry)
 
 
 if __name__ == "__main__":  # step 06's server (metrics, limits, admission, gate) around the paged engine
-    run_step("step07_paged_kv", __doc__, _engine, SchedulerConfig, RunnerConfig, PagedCacheConfig,
-             ObservabilityConfig, AdmissionConfig, LimitsConfig, GateConfig, make_app=make_app,
+    run_step("step07_paged_kv", __doc__, assemble, SchedulerConfig, RunnerConfig, PagedCacheConfig,
+             ObservabilityConfig, AdmissionConfig, LimitsConfig, GateConfig,
              uvicorn_options=lambda ns: {"timeout_graceful_shutdown": 2})

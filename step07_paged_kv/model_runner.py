@@ -1,5 +1,8 @@
 """Step 04's model runner over a paged cache: one pool of blocks sized by bytes, not by rows.
 
+The runner is step 04's :class:`ModelRunner` as it is (it reads each sequence's block table and
+``shared.attention`` gathers the blocks); only how the cache is built and sized is new here.
+
 The pool's size is ``--num-kv-blocks`` if given, else the bytes of ``--kv-cache-memory-fraction``
 of the memory available at start-up, else ``--kv-cache-gib`` (step 04's flag, same default: the
 two steps compare at the same KV memory budget). A sequence may grow to the model's context or to
@@ -14,11 +17,8 @@ import os
 import torch
 
 from shared.config import flag_field
-from shared.model import Transformer
 from shared.models import LoadedModel
-from step04_kvcache.model_runner import GIB, ModelRunner, RunnerConfig, kv_bytes_per_token
-from step04_kvcache.scheduler import PrefillChunk
-from step07_paged_kv.sequence import PagedSequence
+from step04_kvcache.model_runner import GIB, ModelRunner, RunnerConfig, build_model, kv_bytes_per_token
 from step07_paged_kv.paged_cache import PagedKVCache
 
 log = logging.getLogger("step07_paged_kv")
@@ -58,36 +58,21 @@ def pool_blocks(cfg: PagedCacheConfig, runner: RunnerConfig, block_bytes: int, d
     return int(runner.kv_cache_gib * GIB) // block_bytes
 
 
-class PagedModelRunner(ModelRunner):
-    def __init__(self, model: Transformer, cache: PagedKVCache, device: torch.device, max_len: int) -> None:
-        super().__init__(model, cache, device)  # type: ignore[arg-type]  (any KVCache works)
-        self._max_len = max_len
-
-    @classmethod
-    def build(cls, lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig,  # type: ignore[override]
-              explicit_len: bool) -> PagedModelRunner:
-        model = cls.build_model(lm, cfg)
-        a, bs = model.args, cache_cfg.block_size
-        num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, lm.dtype) * bs, lm.device)
-        if num_blocks < 2:
-            raise ValueError(f"num_kv_blocks: the KV pool holds {num_blocks} blocks of {bs} tokens; need >= 2")
-        max_len = min(lm.max_model_len, num_blocks * bs)
-        if explicit_len and max_len < lm.max_model_len:
-            raise ValueError(f"max_model_len: {lm.max_model_len} tokens do not fit in the KV pool "
-                             f"({num_blocks} blocks of {bs}): raise --kv-cache-gib or lower --max-model-len")
-        if max_len < lm.max_model_len:
-            log.warning("context cut from %d to %d tokens: the whole KV pool", lm.max_model_len, max_len)
-        cache = PagedKVCache.allocate(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, lm.dtype, lm.device)
-        log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, cache.num_bytes / GIB)
-        return cls(model, cache, lm.device, max_len)
-
-    @property
-    def max_len(self) -> int:
-        return self._max_len
-
-    def chunk_tokens(self, chunk: PrefillChunk) -> list[int]:
-        """A recomputed (preempted) sequence prefills its generated tokens too."""
-        return list(chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens))
-
-    def block_table(self, seq: PagedSequence) -> list[int]:  # type: ignore[override]
-        return seq.block_table
+def build_paged_runner(lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig,
+                       explicit_len: bool) -> ModelRunner[PagedKVCache]:
+    """The model (step 04's transforms) and a pool of blocks; the context is the model's, or the
+    whole pool if that is smaller."""
+    model = build_model(lm, cfg)
+    a, bs = model.args, cache_cfg.block_size
+    num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, lm.dtype) * bs, lm.device)
+    if num_blocks < 2:
+        raise ValueError(f"num_kv_blocks: the KV pool holds {num_blocks} blocks of {bs} tokens; need >= 2")
+    max_len = min(lm.max_model_len, num_blocks * bs)
+    if explicit_len and max_len < lm.max_model_len:
+        raise ValueError(f"max_model_len: {lm.max_model_len} tokens do not fit in the KV pool "
+                         f"({num_blocks} blocks of {bs}): raise --kv-cache-gib or lower --max-model-len")
+    if max_len < lm.max_model_len:
+        log.warning("context cut from %d to %d tokens: the whole KV pool", lm.max_model_len, max_len)
+    cache = PagedKVCache.allocate(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, lm.dtype, lm.device)
+    log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, cache.num_bytes / GIB)
+    return ModelRunner(model, cache, lm.device, max_len)

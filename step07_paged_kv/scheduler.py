@@ -7,47 +7,54 @@ token budget and of the pool. A waiting sequence is admitted (first come first s
 ones first) only if its first chunk fits while leaving a watermark of free blocks, and it starts
 after the longest run of its leading full blocks already in the prefix cache.
 
-What changed from step 04's :class:`Scheduler`: ``schedule`` (blocks, preemption, prefix hits),
-``update`` (register newly full blocks in the prefix cache), ``release`` (what ``finish`` gives back
-for a running sequence: its blocks, not a row).
+What changed from step 04's :class:`ContiguousScheduler` (both are step 04's :class:`Scheduler`,
+which keeps the queues, ``update`` and ``finish``): ``schedule`` (blocks, preemption, prefix hits),
+``update`` (register newly full blocks in the prefix cache, and account for KV waste),
+``release`` (what ``finish`` gives back for a running sequence: its blocks, not a row), ``stats``
+and ``request_facts`` (the prompt tokens a request found cached, for its usage).
 ``max_seqs`` now only caps the batch; memory is bounded by the pool, in blocks.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from step04_kvcache.scheduler import PrefillChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from shared.engine import RequestFacts
+from step04_kvcache.scheduler import PrefillChunk, Scheduler, SchedulerConfig, SchedulerOutput, SchedulerStats
 from step04_kvcache.sequence import SequenceStatus
 from step07_paged_kv.block_manager import BlockManager
+from step07_paged_kv.kv_accounting import KVAccounting
 from step07_paged_kv.sequence import PagedSequence
 
 WATERMARK = 0.01  # vLLM's: admission leaves 1% of the pool free, so running sequences can grow
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PagedPrefillChunk(PrefillChunk):
-    @property
-    def samples(self) -> bool:
-        """Ends the prompt of a sequence that has no token yet (a recomputation samples nothing:
-        its next token comes from the decode of its last generated token)."""
-        seq = self.seq
-        return not seq.output_token_ids and self.start + self.num_tokens == seq.prefill_target
+class PagedSchedulerStats(SchedulerStats):
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_block_size: int
+    kv_waste: float  # reserved slots no token fills, now (the unfilled tails of last blocks)
+    kv_waste_mean: float  # the same, over every step since start-up (reserved-weighted)
+    kv_tokens_per_seq_mean: float  # cached tokens per running sequence (step 04 reserves max_len each)
+    num_running_max: int
+    num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up at first admission
+    prefix_cache_hits: int  # of those, found in the cache (skipped in prefill)
+    prefix_cache_hit_rate: float
 
 
 class PagedScheduler(Scheduler):
+    sequence_class = PagedSequence
+
     def __init__(self, config: SchedulerConfig, max_len: int, eos_token_ids: tuple[int, ...],
                  block_manager: BlockManager) -> None:
         super().__init__(config, max_len, eos_token_ids)
-        self.free_slots = []  # step 04's rows: unused here
         self.block_manager = block_manager
+        self.kv_accounting = KVAccounting()
         self.watermark_blocks = max(1, int(WATERMARK * block_manager.num_blocks))
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up at first admission
         self.prefix_cache_hits = 0  # of those, found in the cache (skipped in prefill)
-
-    @property
-    def num_used_slots(self) -> int:
-        return self.block_manager.num_used_blocks
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -101,7 +108,7 @@ class PagedScheduler(Scheduler):
             return None
         n = min(seq.prefill_target - start, budget, self._room(seq))
         self.block_manager.append_slots(seq, start + n)
-        return PagedPrefillChunk(seq, start, n)
+        return PrefillChunk.of(seq, start, n)
 
     def _admit(self, seq: PagedSequence, budget: int) -> PrefillChunk | None:
         """Admit the head of ``waiting`` if its first chunk fits above the watermark."""
@@ -121,7 +128,7 @@ class PagedScheduler(Scheduler):
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        return PagedPrefillChunk(seq, allocation.num_cached_tokens, n)
+        return PrefillChunk.of(seq, allocation.num_cached_tokens, n)
 
     def preempt(self, seq: PagedSequence) -> None:
         """Recompute mode: drop ``seq``'s cache (full blocks stay in the prefix cache) and put it
@@ -136,12 +143,28 @@ class PagedScheduler(Scheduler):
 
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> list[PagedSequence]:
         finished = super().update(out, token_ids)
-        for seq in [*out.decodes, *(c.seq for c in out.prefills)]:
+        for seq in out.scheduled_seqs:
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
+        self.kv_accounting.record(self.running, self.block_manager.num_used_blocks, self.block_manager.block_size)
         return finished
 
-    def release(self, seq: PagedSequence) -> None:  # type: ignore[override]
+    def release(self, seq: PagedSequence) -> None:
         """A finished sequence's computed full blocks stay cached; its blocks go back to the pool."""
         self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
         self.block_manager.free(seq)
+
+    def request_facts(self, seq: PagedSequence) -> RequestFacts:
+        return RequestFacts(num_cached_tokens=seq.num_cached_tokens or 0)
+
+    def stats(self) -> PagedSchedulerStats:
+        bm, acc = self.block_manager, self.kv_accounting
+        used, bs, queries = bm.num_used_blocks, bm.block_size, self.prefix_cache_queries
+        return PagedSchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_slots_used=used * bs,
+            kv_slots_total=bm.num_blocks * bs, kv_usage=used / bm.num_blocks, kv_blocks_used=used,
+            kv_blocks_total=bm.num_blocks, kv_block_size=bs, kv_waste=acc.waste_now, kv_waste_mean=acc.waste_mean,
+            kv_tokens_per_seq_mean=acc.tokens_per_seq_mean, num_running_max=acc.running_max,
+            num_preemptions=self.num_preemptions, prefix_cache_queries=queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            prefix_cache_hit_rate=self.prefix_cache_hits / queries if queries else 0.0)

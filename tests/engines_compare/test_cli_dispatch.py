@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("command,module", [("conform", "engines_compare.conformance.cli"),
-                                            ("launch", "engines_compare.launchers")])
+                                            ("launch", "engines_compare.launchers"),
+                                            ("inprocess", "engines_compare.inprocess"),
+                                            ("soak", "engines_compare.soak"), ("bench-kv", "engines_compare.bench_kv")])
 def test_conform_and_launch_hand_their_arguments_to_the_owning_module(monkeypatch, command, module) -> None:
     seen: list[list[str]] = []
     fake = types.ModuleType(module)
@@ -37,6 +39,15 @@ def test_unknown_or_missing_command_exits_2() -> None:
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_inprocess_drives_step04s_engine_and_times_step05s_observers() -> None:
+    r = subprocess.run([sys.executable, "-m", "engines_compare", "inprocess", "--model", "tiny-llama", "--threads", "1",
+                        "--concurrency", "2", "--input-len", "8", "--output-len", "6", "--observe"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "concurrency 2: 12 tokens in" in r.stdout, r.stdout  # 2 requests x 6 tokens, all read
+    assert "full decode steps (batch 2)" in r.stdout and "% of the engine thread's step time" in r.stdout, r.stdout
 
 
 def test_machine_command_prints_json_through_python_dash_m() -> None:

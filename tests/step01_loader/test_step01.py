@@ -48,6 +48,6 @@ def test_health_answers_while_a_request_generates(servers) -> None:
         next(line for line in lines if line.startswith("data: "))
         health = client.get(url + "/health")
         assert health.status_code == 200
-        assert health.json()["running"] == 1, "the generation should still be running"
+        assert health.json()["num_running"] == 1, "the generation should still be running"
         rest = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
     assert rest[-1]["choices"][0]["finish_reason"] == "length"

@@ -76,14 +76,14 @@ def test_dropped_http_stream_frees_the_worker(servers) -> None:
     url = servers("step02_queue", "tiny-gemma3").url
     body = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as client:
-        before = client.get(url + "/health").json()["generated_tokens"]
+        before = client.get(url + "/health").json()["num_generated_tokens"]
         with client.stream("POST", url + "/v1/completions", json=body) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
         deadline = time.monotonic() + 30
-        while client.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+        while client.get(url + "/health").json()["num_running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         health = client.get(url + "/health").json()
-        assert (health["running"], health["waiting"]) == (0, 0)
-        assert health["generated_tokens"] - before < 480, "the dropped stream ran to the end"
+        assert (health["num_running"], health["num_waiting"]) == (0, 0)
+        assert health["num_generated_tokens"] - before < 480, "the dropped stream ran to the end"
         r = client.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

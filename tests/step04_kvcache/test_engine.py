@@ -13,11 +13,12 @@ from shared.config import ModelConfig
 from shared.engine import GenerationRequest
 from shared.sampling import SamplingParams
 from shared.tiny import TINY_SLIDING_WINDOW
-from step04_kvcache import engine as engine_module
-from step04_kvcache.engine import ContinuousEngine
-from step04_kvcache.model_runner import RunnerConfig, resolve_linear_backend
-from step04_kvcache.observer import NullObserver, RequestStats, StepStats
-from step04_kvcache.scheduler import SchedulerConfig
+from step04_kvcache import engine_core as engine_module
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner, resolve_linear_backend
+from step04_kvcache.observer import RequestStats, StepStats
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
 from tests.helpers import reference_greedy, reference_model
 
 TINY = ("tiny-llama", "tiny-gemma3")
@@ -39,12 +40,16 @@ class Recorder:
 
 
 def make(model: str = "tiny-gemma3", max_seqs: int = 4, budget: int = 16, max_model_len: int = 0,
-         gib: float = 1.0, backend: str = "auto") -> tuple[ContinuousEngine, Recorder]:
+         gib: float = 1.0, backend: str = "auto") -> tuple[AsyncEngine, Recorder]:
+    """Step 04's assembly (its ``__main__``), with a recording observer."""
     rec = Recorder()
-    eng = ContinuousEngine(ModelConfig(model=model, max_model_len=max_model_len),
-                           SchedulerConfig(max_seqs=max_seqs, max_num_batched_tokens=budget),
-                           RunnerConfig(gib, backend), rec)
-    return eng, rec
+    sched = SchedulerConfig(max_seqs=max_seqs, max_num_batched_tokens=budget)
+
+    def build_core(lm) -> EngineCore:
+        runner = build_contiguous_runner(lm, sched, RunnerConfig(gib, backend), explicit_len=max_model_len > 0)
+        return EngineCore(ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner, observers=[rec])
+
+    return AsyncEngine(ModelConfig(model=model, max_model_len=max_model_len), build_core), rec
 
 
 def greq(rid: str, ids: list[int], max_tokens: int, **kw: object) -> GenerationRequest:
@@ -52,7 +57,7 @@ def greq(rid: str, ids: list[int], max_tokens: int, **kw: object) -> GenerationR
     return GenerationRequest(rid, tuple(ids), params, time.monotonic())
 
 
-async def collect(eng: ContinuousEngine, req: GenerationRequest, delay: float = 0.0) -> list:
+async def collect(eng: AsyncEngine, req: GenerationRequest, delay: float = 0.0) -> list:
     await asyncio.sleep(delay)
     return [e async for e in eng.generate(req)]
 
@@ -81,7 +86,7 @@ def test_every_request_equals_batch1_transformers_whatever_the_batch_and_arrival
             await eng.shutdown()
 
     results = asyncio.run(run())
-    assert type(eng.runner.model.lm_head).__name__ == ("Linear" if backend == "torch" else "OneDNNLinear")
+    assert type(eng.core.runner.model.lm_head).__name__ == ("Linear" if backend == "torch" else "OneDNNLinear")
     for (rid, ids, n, eos, _), events in zip(jobs, results):
         ref = reference_greedy(model, ids, n, stop_at_eos=eos)[0]
         assert [e.token_id for e in events] == ref, f"{model} {rid}: prompt {len(ids)}, max_tokens {n}"
@@ -169,12 +174,12 @@ def test_abort_frees_the_row_within_one_step() -> None:
             await anext(first)
         second = asyncio.ensure_future(collect(eng, greq("second", [2, 50, 51], 5)))
         await asyncio.sleep(0.05)
-        assert eng.stats()["waiting"] == 1  # no free row while "first" runs
-        made = eng.generated_tokens  # "first" runs alone: one token per step, so also steps done
+        assert eng.stats().scheduler.num_waiting == 1  # no free row while "first" runs
+        made = eng.stats().num_generated_tokens  # "first" runs alone: one token per step, so also steps done
         eng.abort("first")
         await first.aclose()
         got = await second
-        stats = eng.stats()
+        stats = eng.stats().scheduler
         await eng.shutdown()
         return made, got, stats
 
@@ -183,7 +188,7 @@ def test_abort_frees_the_row_within_one_step() -> None:
     # The step in flight when abort() was called may still run "first"; the next one runs "second".
     assert first.finish_reason == "abort" and first.num_output_tokens <= made + 1
     assert second.first_token_time <= rec.steps[made + 1].time
-    assert len(got) == 5 and (stats["running"], stats["kv_slots_used"]) == (0, 0)
+    assert len(got) == 5 and (stats.num_running, stats.kv_rows_used, stats.kv_slots_used) == (0, 0, 0)
 
 
 def test_a_request_aborted_while_waiting_never_runs() -> None:
@@ -216,14 +221,15 @@ def test_observer_sees_every_step_and_every_request() -> None:
         await eng.shutdown()
 
     asyncio.run(run())
-    assert sum(s.num_sampled for s in rec.steps) == 22 == eng.stats()["generated_tokens"]
-    assert all(0 < s.model_s < s.step_s and s.kv_slots_total == 4 for s in rec.steps)
+    assert sum(s.num_sampled for s in rec.steps) == 22 == eng.stats().num_generated_tokens
+    row = eng.core.runner.max_len  # a row's slots
+    assert all(0 < s.model_s < s.step_s and s.kv_slots_total == 4 * row for s in rec.steps)
     for rid, (ids, n) in jobs.items():
         r = rec.requests[rid]
         assert (r.num_prompt_tokens, r.num_output_tokens, r.finish_reason) == (len(ids), n, "length")
         assert r.arrival_time <= r.first_token_time <= r.finish_time
     assert rec.steps[-1].num_running == rec.steps[-1].kv_slots_used == 0
-    assert isinstance(ContinuousEngine(ModelConfig(model="tiny-llama")).observer, NullObserver)
+    assert EngineCore(eng.core.scheduler, eng.core.runner).observers == ()  # by default nobody watches
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on() -> None:
@@ -231,11 +237,12 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on() -> None:
 
     async def run() -> list:
         await eng.start()
-        real = eng.runner.forward
-        eng.runner.forward = lambda inputs: (_ for _ in ()).throw(RuntimeError("boom"))
+        runner = eng.core.runner
+        real = runner.forward
+        runner.forward = lambda inputs: (_ for _ in ()).throw(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):
             await collect(eng, greq("bad", [2, 3, 4], 5))
-        eng.runner.forward = real
+        runner.forward = real
         got = await collect(eng, greq("good", [2, 3, 4], 5))
         await eng.shutdown()
         return got

@@ -7,7 +7,7 @@ import pytest
 
 from shared.sampling import SamplingParams
 from step04_kvcache.model_runner import GIB, RunnerConfig, cache_row_len
-from step04_kvcache.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig, SchedulerOutput
 from step04_kvcache.sequence import Sequence, SequenceStatus
 
 EOS = 1
@@ -18,11 +18,11 @@ def seq(rid: str, prompt_len: int, max_tokens: int = 4, ignore_eos: bool = True)
     return Sequence(rid, tuple(range(10, 10 + prompt_len)), params, 0.0)
 
 
-def scheduler(max_seqs: int = 4, budget: int = 16, max_len: int = 512) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_seqs=max_seqs, max_num_batched_tokens=budget), max_len, (EOS,))
+def scheduler(max_seqs: int = 4, budget: int = 16, max_len: int = 512) -> ContiguousScheduler:
+    return ContiguousScheduler(SchedulerConfig(max_seqs=max_seqs, max_num_batched_tokens=budget), max_len, (EOS,))
 
 
-def step(s: Scheduler, token: int = 7) -> SchedulerOutput:
+def step(s: ContiguousScheduler, token: int = 7) -> SchedulerOutput:
     """schedule() and update() as the engine does, every row sampling ``token``."""
     out = s.schedule()
     s.update(out, [token] * len(out.sampling_seqs))
@@ -95,8 +95,8 @@ def test_budget_rows_and_decodes_hold_at_every_step_of_a_random_workload() -> No
         out = step(s)
         assert out.num_batched_tokens <= 12
         assert list(out.decodes) == decoding  # every running decode, every step
-        assert len(s.running) <= 4 and len(s.running) + len(s.free_slots) == 4
-        assert {q.slot for q in s.running} | set(s.free_slots) == {0, 1, 2, 3}  # no row given twice
+        assert len(s.running) <= 4 and len(s.running) + len(s.free_rows) == 4
+        assert {q.block_table[0] for q in s.running} | set(s.free_rows) == {0, 1, 2, 3}  # no row given twice
     assert all(q.status is SequenceStatus.FINISHED for q in everyone)
     assert all(q.num_output_tokens == q.params.max_tokens for q in everyone if q.finish_reason == "length")
 
@@ -107,11 +107,11 @@ def test_finishing_frees_the_row_for_the_next_waiting_sequence() -> None:
     s.add(a)
     s.add(b)
     step(s)
-    assert a.slot == 0 and b.status is SequenceStatus.WAITING
+    assert a.block_table == [0] and b.status is SequenceStatus.WAITING
     step(s)  # a's second token: finished, row 0 free
-    assert a.finish_reason == "length" and a.slot is None and s.free_slots == [0]
+    assert a.finish_reason == "length" and a.block_table == [] and s.free_rows == [0]
     out = step(s)
-    assert chunks(out) == [("b", 0, 2)] and b.slot == 0
+    assert chunks(out) == [("b", 0, 2)] and b.block_table == [0]
 
 
 def test_abort_frees_a_running_row_and_removes_a_waiting_sequence() -> None:
@@ -123,7 +123,7 @@ def test_abort_frees_a_running_row_and_removes_a_waiting_sequence() -> None:
     s.finish(b, "abort")
     assert b not in s.waiting and b.finish_reason == "abort"
     s.finish(a, "abort")
-    assert (s.running, s.free_slots, a.status) == ([], [0], SequenceStatus.FINISHED)
+    assert (s.running, s.free_rows, a.status) == ([], [0], SequenceStatus.FINISHED)
     assert s.schedule().is_empty
     with pytest.raises(ValueError, match="already finished"):
         s.finish(a, "abort")

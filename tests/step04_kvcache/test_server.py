@@ -36,17 +36,18 @@ def test_dropped_http_stream_frees_its_row(servers) -> None:
     url = servers("step04_kvcache", MODEL, *FLAGS).url
     body = {"prompt": "Hi", "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as client:
-        before = client.get(url + "/health").json()["generated_tokens"]
+        before = client.get(url + "/health").json()["num_generated_tokens"]
         with client.stream("POST", url + "/v1/completions", json=body) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
-            health = client.get(url + "/health").json()  # a snapshot: the stream may be anywhere
-            assert health["kv_slots_total"] == 3 and health["kv_slots_used"] == health["running"] <= 1, health
+            s = client.get(url + "/health").json()["scheduler"]  # a snapshot: the stream may be anywhere
+            assert s["kv_rows_total"] == 3 and s["kv_rows_used"] == s["num_running"] <= 1, s
         deadline = time.monotonic() + 30
-        while client.get(url + "/health").json()["kv_slots_used"] and time.monotonic() < deadline:
+        while client.get(url + "/health").json()["scheduler"]["kv_rows_used"] and time.monotonic() < deadline:
             time.sleep(0.05)
         health = client.get(url + "/health").json()
-        assert (health["running"], health["waiting"], health["kv_usage"]) == (0, 0, 0.0), health
-        assert health["generated_tokens"] - before < 480, f"the dropped stream ran to the end: {health}"
+        s = health["scheduler"]
+        assert (s["num_running"], s["num_waiting"], health["num_pending"], s["kv_usage"]) == (0, 0, 0, 0.0), health
+        assert health["num_generated_tokens"] - before < 480, f"the dropped stream ran to the end: {health}"
         r = client.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 

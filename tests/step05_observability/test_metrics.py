@@ -7,10 +7,10 @@ import logging
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.config import ModelConfig
+from step04_kvcache.engine import EngineStats
 from step04_kvcache.observer import RequestStats, StepStats
-from step05_observability.engine import FanOut, ObservedEngine
-from step05_observability.metrics import EngineMetrics
+from step04_kvcache.scheduler import SchedulerStats
+from step05_observability.metrics import EngineMetrics, new_registry
 from step05_observability.request_log import JsonFormatter, RequestLog, request_record
 
 
@@ -82,22 +82,16 @@ def test_request_log_writes_one_json_line_with_the_timings() -> None:
     assert never_ran["ttft_s"] is None and never_ran["queue_time_s"] is None and never_ran["e2e_s"] == 1.0
 
 
-def test_each_engine_has_its_own_registry_and_fans_out_to_extra_observers() -> None:
-    seen: list[str] = []
-
-    class Spy:
-        def on_step(self, stats: StepStats) -> None:
-            seen.append("step")
-
-        def on_request_finished(self, stats: RequestStats) -> None:
-            seen.append(stats.request_id)
-
-    a = ObservedEngine(ModelConfig(model="tiny-llama"), extra_observers=[Spy()])
-    b = ObservedEngine(ModelConfig(model="tiny-llama"))  # a second engine: no duplicate-name clash
-    assert isinstance(a.observer, FanOut) and a.registry is not b.registry
-    a.observer.on_step(step(1.0, decodes=0, prefills=1, prefill_tokens=3))
-    a.observer.on_request_finished(RequestStats("r-0", 0.0, 0.5, 1.0, 3, 1, "stop", 0.1))
-    assert seen == ["step", "r-0"]
+def test_each_engine_has_its_own_registry_and_gauges_read_its_stats_at_scrape_time() -> None:
+    a, b = EngineMetrics(new_registry()), EngineMetrics(new_registry())  # a second engine: no duplicate-name clash
+    assert a.registry is not b.registry
+    now = {"stats": EngineStats(0, 0, None, {})}  # loading: no scheduler yet
+    a.bind_gauges(lambda: now["stats"])
+    a.on_step(step(1.0, decodes=0, prefills=1, prefill_tokens=3))
     sa, sb = samples(a.registry), samples(b.registry)
     assert sa[("stepserve:generation_tokens_total", ())] == 1 and sb[("stepserve:generation_tokens_total", ())] == 0
-    assert sa[("stepserve:num_requests_running", ())] == 0  # gauges read engine.stats() at scrape time
+    assert sa[("stepserve:num_requests_running", ())] == 0 and "process_resident_memory_bytes" in {k[0] for k in sa}
+    now["stats"] = EngineStats(5, 2, SchedulerStats(3, 4, 60, 100, 0.6), {})
+    sa = samples(a.registry)
+    assert (sa[("stepserve:num_requests_running", ())], sa[("stepserve:num_requests_waiting", ())],
+            sa[("stepserve:kv_cache_usage_perc", ())]) == (3, 4 + 2, 0.6)

@@ -11,8 +11,8 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.config import ModelConfig
-from step05_observability.engine import ObservedEngine
+from step04_kvcache.engine import EngineStats
+from step05_observability.metrics import EngineMetrics, new_registry
 from tests.step05_observability.promql import metric_names
 
 OPS = Path(__file__).resolve().parents[2] / "step05_observability" / "ops"
@@ -21,7 +21,9 @@ DASHBOARD = OPS / "grafana" / "dashboards" / "stepserve.json"
 
 def exposed_names() -> set[str]:
     """Every sample name step 05's registry exposes (histograms' _bucket/_sum/_count, counters' _total)."""
-    text = generate_latest(ObservedEngine(ModelConfig(model="tiny-llama")).registry).decode()
+    metrics = EngineMetrics(new_registry())  # as step 05's __main__ assembles it
+    metrics.bind_gauges(lambda: EngineStats(0, 0, None, {}))  # a loading engine: every series exists at 0
+    text = generate_latest(metrics.registry).decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 

@@ -2,27 +2,32 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import functools
 import time
 
 import pytest
+import torch
 
 from shared.config import ModelConfig, build_parser, from_args
+from shared.engine import GenerationRequest
 from shared.errors import RequestError
+from shared.models import load_model
 from shared.sampling import SamplingParams
-from step02_queue.engine import DONE, Entry
-from step04_kvcache.scheduler import Scheduler, SchedulerConfig
-from step04_kvcache.sequence import Sequence
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import DONE, EngineCore, Entry
+from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
 from step06_backpressure import admission
 from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig
-from step06_backpressure.engine import BackpressureEngine, DeadlineExceeded, TimedRequest
+from step06_backpressure.deadlines import DeadlineExceeded, Deadlines
 from step06_backpressure.gate import GateConfig
 
 
-def req(rid: str, n_tokens: int = 10, timeout: float | None = None, max_tokens: int = 50) -> TimedRequest:
-    return TimedRequest(rid, tuple(range(2, 2 + n_tokens)), SamplingParams(max_tokens=max_tokens, temperature=0),
-                        time.monotonic(), timeout)
+def req(rid: str, n_tokens: int = 10, timeout: float | None = None, max_tokens: int = 50,
+        arrival: float | None = None) -> GenerationRequest:
+    return GenerationRequest(rid, tuple(range(2, 2 + n_tokens)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                             time.monotonic() if arrival is None else arrival, timeout)
 
 
 def test_in_flight_is_bounded_by_rows_plus_waiting_and_beyond_is_a_429() -> None:
@@ -106,57 +111,66 @@ def test_step06_settings_are_flags_and_checked() -> None:
             bad()
 
 
-def _engine_with(seqs: list[tuple[Sequence, TimedRequest]], default_timeout: float = 0.0) -> BackpressureEngine:
-    """An engine whose thread state is set by hand: the deadline rule alone, no model, no thread."""
-    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), admission=AdmissionConfig(request_timeout=default_timeout))
-    engine.scheduler = Scheduler(SchedulerConfig(max_seqs=2, max_num_batched_tokens=16), 64, ())
-    for seq, r in seqs:
-        engine.scheduler.add(seq)
-        engine._entries[seq] = Entry(r, asyncio.Queue(), threading.Event())
-    return engine
+@functools.lru_cache(maxsize=1)
+def _tiny() -> object:
+    return load_model(ModelConfig(model="tiny-llama"))
 
 
-def _seq(r: TimedRequest, arrival: float) -> Sequence:
-    return Sequence(r.request_id, r.prompt_token_ids, r.params, arrival)
+def _core_with(requests: list[GenerationRequest], deadlines: Deadlines) -> tuple[EngineCore, list[Entry]]:
+    """Step 06's engine core (step 04's parts, the deadline policy) on tiny-llama, driven by hand:
+    no thread, no event loop."""
+    sched = SchedulerConfig(max_seqs=2, max_num_batched_tokens=16)
+    runner = build_contiguous_runner(_tiny(), sched, RunnerConfig(0.01), explicit_len=False)
+    core = EngineCore(ContiguousScheduler(sched, runner.max_len, ()), runner, policies=[deadlines])
+    entries = [Entry(r, asyncio.Queue()) for r in requests]
+    for e in entries:
+        assert core.add(e) == []
+    return core, entries
 
 
 def test_deadline_before_the_first_token_fails_the_request_and_frees_its_row() -> None:
-    r = req("late", timeout=1.0)
-    seq = _seq(r, time.monotonic() - 2.0)
-    engine = _engine_with([(seq, r)])
-    engine.scheduler.schedule()  # it takes a row and starts its prefill
-    assert engine.scheduler.num_used_slots == 1
-    engine._expire(time.monotonic())
-    items = [item for _, item in engine._outbox]
+    late = req("late", timeout=1.0, arrival=time.monotonic() - 2.0)
+    deadlines = Deadlines()
+    core, _ = _core_with([late], deadlines)
+    seq = core.scheduler.waiting[0]
+    assert deadlines.before_step([(seq, late)], late.arrival_time + 0.5) == []  # within its timeout
+    core.scheduler.schedule()  # it takes a row and starts its prefill
+    assert core.scheduler.num_used_rows == 1
+    items = [item for _, item in core.step()]  # the policy runs first: the step has nothing left to do
     assert isinstance(items[0], DeadlineExceeded) and items[0].status == 504 and items[1] is DONE
-    assert engine.scheduler.num_used_slots == 0 and not engine._entries and engine.deadlines_exceeded == 1
+    assert core.scheduler.num_used_rows == 0 and not core.has_work()
+    assert deadlines.stats().num_deadlines_exceeded == 1
 
 
 def test_deadline_while_generating_makes_the_next_token_the_last_with_length() -> None:
-    own, default = req("own", 5, timeout=1.0, max_tokens=50), req("default", 5, max_tokens=50)
-    s_own, s_default = _seq(own, time.monotonic() - 2.0), _seq(default, time.monotonic() - 2.0)
-    engine = _engine_with([(s_own, own), (s_default, default)], default_timeout=1.5)
-    out = engine.scheduler.schedule()
-    engine.scheduler.update(out, [7, 7])  # both have their first token
-    engine._expire(time.monotonic())
-    assert s_own.params.max_tokens == 2 and s_default.params.max_tokens == 2 and not engine._outbox
-    out = engine.scheduler.schedule()
-    finished = engine.scheduler.update(out, [8, 8])
-    assert {s.finish_reason for s in finished} == {"length"} and len(finished) == 2
+    own, default = req("own", 5, timeout=1.0), req("default", 5)
+    deadlines = Deadlines(default_timeout=1.5)
+    core, _ = _core_with([own, default], deadlines)
+    with torch.inference_mode():
+        first = core.step()  # both prefill and sample their first token, well within their deadlines
+        assert [type(item).__name__ for _, item in first] == ["TokenEvent", "TokenEvent"]
+        pairs = list(zip(core.scheduler.running, (own, default)))
+        assert deadlines.before_step(pairs, time.monotonic() + 2.0) == []  # 2 s later: past both
+        assert [s.params.max_tokens for s, _ in pairs] == [2, 2]  # the next token is their last
+        second = core.step()
+    assert [item.finish_reason for _, item in second if item is not DONE] == ["length", "length"]
+    assert [item for _, item in second][-2:] == [DONE, DONE] and not core.has_work()
+    assert deadlines.stats().num_deadlines_exceeded == 2
 
 
 def test_no_deadline_without_a_timeout() -> None:
-    r = req("free", max_tokens=50)
-    seq = _seq(r, time.monotonic() - 1e6)
-    engine = _engine_with([(seq, r)])
-    engine._expire(time.monotonic())
-    assert seq.params.max_tokens == 50 and not engine._outbox and engine.timeout_of(r) is None
+    r = req("free", max_tokens=50, arrival=time.monotonic() - 1e6)
+    core, _ = _core_with([r], Deadlines())
+    seq = core.scheduler.waiting[0]
+    assert Deadlines().before_step([(seq, r)], time.monotonic()) == []
+    assert seq.params.max_tokens == 50 and Deadlines().timeout_of(r) is None
+    assert Deadlines(default_timeout=3.0).timeout_of(r) == 3.0 and Deadlines(3.0).timeout_of(req("x", timeout=1.0)) == 1.0
 
 
 def test_engine_generate_refuses_when_its_backlog_is_full() -> None:
-    engine = BackpressureEngine(ModelConfig(model="tiny-llama"), SchedulerConfig(max_seqs=1),
-                                admission=AdmissionConfig(max_waiting_requests=0))
-    engine.backlog.admit([req("running")])
+    backlog = Backlog(AdmissionConfig(max_waiting_requests=0), max_running=1)
+    engine = AsyncEngine(ModelConfig(model="tiny-llama"), build_core=_never, request_policies=[backlog])
+    backlog.admit([req("running")])
 
     async def first() -> None:
         async for _ in engine.generate(req("refused")):
@@ -164,4 +178,8 @@ def test_engine_generate_refuses_when_its_backlog_is_full() -> None:
 
     with pytest.raises(RequestError, match="overloaded"):
         asyncio.run(first())
-    assert engine.backlog.num_in_flight == 1
+    assert backlog.num_in_flight == 1 and backlog.stats().num_refused == 1
+
+
+def _never(lm: object) -> EngineCore:
+    raise AssertionError("the engine is not started in this test")

@@ -13,16 +13,17 @@ import pytest
 from shared.config import ModelConfig
 from shared.engine import GenerationRequest, ModelInfo, TokenEvent
 from shared.models import load_tokenizer
-from step06_backpressure.admission import AdmissionConfig, Backlog
+from step06_backpressure.admission import AdmissionConfig, AdmissionStats, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
 from step06_backpressure.gate import GateConfig, Outbox, SlowReader
 
 
 class HoldingEngine:
-    """Holds each request until ``release`` is set, then gives ``max_tokens`` tokens."""
+    """Holds each request until ``release`` is set, then gives ``max_tokens`` tokens; the backlog is
+    its request policy, as in step 06's assembly (claimed on arrival, freed when the request ends)."""
 
     def __init__(self, admission: AdmissionConfig) -> None:
-        self.admission, self.backlog = admission, Backlog(admission, max_running=1)
+        self.backlog = Backlog(admission, max_running=1)
         self.release = asyncio.Event()
         self.aborted: list[str] = []
         self._info = ModelInfo("holding", load_tokenizer(ModelConfig(model="tiny-llama")), 512, 256)
@@ -34,19 +35,19 @@ class HoldingEngine:
         return self._info
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        self.backlog.claim(request)
+        self.backlog.on_arrival(request)
         try:
             await self.release.wait()
             n = request.params.max_tokens
             for i in range(n):
                 yield TokenEvent(70 + i % 20, finish_reason="length" if i == n - 1 else None)
         finally:
-            self.backlog.finish(request)
+            self.backlog.on_finish(request)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> AdmissionStats:
         return self.backlog.stats()
 
     async def shutdown(self) -> None:
@@ -58,7 +59,7 @@ def build(admission: AdmissionConfig = AdmissionConfig(), limits: LimitsConfig =
     engine = HoldingEngine(admission)
     ns = {f"{cls.__name__}.{k}": v for cls, cfg in ((LimitsConfig, limits), (GateConfig, gate))
           for k, v in ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)}
-    return engine, make_app(engine, argparse.Namespace(**ns))
+    return engine, make_app(engine, engine.backlog, ns=argparse.Namespace(**ns))
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -97,8 +98,8 @@ def test_a_full_backlog_answers_429_with_retry_after_and_ready_says_overloaded()
             engine.release.set()
             assert (await first).json()["usage"]["completion_tokens"] == 6
             ready = await c.get("/ready")
-            assert ready.status_code == 200 and ready.json()["admission_in_flight"] == 0
-            assert ready.json()["refused_requests"] == 1
+            assert ready.status_code == 200 and ready.json()["num_in_flight"] == 0
+            assert ready.json()["num_refused"] == 1 and ready.json()["gate"]["num_in_flight"] == 0
 
     asyncio.run(main())
 
@@ -155,7 +156,7 @@ def test_draining_turns_new_work_away_with_503_and_lets_running_requests_finish(
             r = await running
             assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
             await asyncio.wait_for(done.wait(), 5)
-            assert app.state.gate.counts["turned_away"] == 1
+            assert app.state.gate.stats().num_turned_away == 1
 
     asyncio.run(main())
 
@@ -167,7 +168,7 @@ def test_drain_timeout_cuts_what_is_still_running_and_aborts_it_in_the_engine() 
         async with client(app) as c:
             running, done = await start_one_then_drain(app, c)
             await asyncio.wait_for(done.wait(), 5)
-            assert app.state.gate.in_flight == 0 and app.state.gate.counts["cut_at_drain_timeout"] == 1
+            assert app.state.gate.in_flight == 0 and app.state.gate.stats().num_cut_at_drain_timeout == 1
             await until(lambda: len(engine.aborted) == 1)
             running.cancel()
 

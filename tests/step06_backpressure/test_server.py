@@ -29,8 +29,9 @@ def wait_idle(url: str, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         r = httpx.get(url + "/ready", timeout=10).json()
-        idle = (r["kv_slots_used"], r["running"], r["waiting"], r["admission_in_flight"],
-                r["admission_waiting_prompt_tokens"], r["in_flight"]) == (0, 0, 0, 0, 0, 0)
+        s, a = r["scheduler"], r["policies"]["admission"]
+        idle = (s["kv_slots_used"], s["num_running"], s["num_waiting"] + r["num_pending"], a["num_in_flight"],
+                a["num_waiting_prompt_tokens"], r["gate"]["num_in_flight"]) == (0, 0, 0, 0, 0, 0)
         if idle or time.monotonic() > deadline:
             return r
         time.sleep(0.05)
@@ -62,7 +63,7 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
     wait_idle(url)
     with httpx.Client(timeout=120) as c:  # fill every row, so the burst can only wait or be refused
         blockers = [raw_post(url, {**LONG, "n": 10})]
-        while c.get(url + "/ready").json()["kv_slots_used"] < 10:
+        while c.get(url + "/ready").json()["scheduler"]["kv_rows_used"] < 10:
             time.sleep(0.02)
 
         def one(i: int) -> httpx.Response:
@@ -81,7 +82,7 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
         assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 4
     # With the 10 rows busy, 3 more may wait for one: at least 9 of 12 are refused at once.
     assert len(refused) >= 9 and len(done) + len(refused) == 12, [r.status_code for r in responses]
-    assert wait_idle(url)["refused_requests"] >= 9
+    assert wait_idle(url)["policies"]["admission"]["num_refused"] >= 9
     metrics = httpx.get(url + "/metrics").text  # step 05's registry counts them too
     line = next(x for x in metrics.splitlines() if x.startswith('stepserve:requests_refused_total{reason="overloaded"}'))
     assert float(line.split()[-1]) >= 9
@@ -92,20 +93,20 @@ def test_deadline_before_the_first_token_is_an_error_504(servers) -> None:
     wait_idle(url)
     blocker = raw_post(url, {**LONG, "n": 10})
     try:
-        while httpx.get(url + "/ready").json()["kv_slots_used"] < 10:
+        while httpx.get(url + "/ready").json()["scheduler"]["kv_rows_used"] < 10:
             time.sleep(0.02)
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "timeout": 0.2}, timeout=60)
         assert_refusal(r, 504, "deadline_exceeded")
         assert r.json()["error"]["param"] == "timeout"
     finally:
         blocker.close()
-    assert wait_idle(url)["deadlines_exceeded"] >= 1
+    assert wait_idle(url)["policies"]["deadlines"]["num_deadlines_exceeded"] >= 1
 
 
 def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None:
     url = server(servers)
     wait_idle(url)
-    before = httpx.get(url + "/ready").json()["generated_tokens"]
+    before = httpx.get(url + "/ready").json()["num_generated_tokens"]
     socks = [raw_post(url, {**LONG, "stream": bool(i % 2), "prompt": f"{i} storm"}) for i in range(24)]
     time.sleep(0.3)  # some run, some wait, some were refused
     for s in socks[:12]:  # half of them go at once, the rest after reading a little
@@ -115,8 +116,9 @@ def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None
         s.recv(64)
         s.close()
     after = wait_idle(url)
-    assert (after["kv_slots_used"], after["running"], after["admission_in_flight"]) == (0, 0, 0), after
-    assert after["generated_tokens"] - before < 24 * 480 // 2, "the disconnected requests ran on"
+    s, a = after["scheduler"], after["policies"]["admission"]
+    assert (s["kv_slots_used"], s["num_running"], a["num_in_flight"]) == (0, 0, 0), after
+    assert after["num_generated_tokens"] - before < 24 * 480 // 2, "the disconnected requests ran on"
     r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
@@ -124,7 +126,7 @@ def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None
 def test_slow_reader_does_not_stall_others_and_is_aborted_at_its_bound(servers) -> None:
     url = server(servers)
     wait_idle(url)
-    before = httpx.get(url + "/ready").json().get("slow_reader_aborts", 0)
+    before = httpx.get(url + "/ready").json()["gate"]["num_slow_reader_aborts"]
     # Chat chunks with 20 top logprobs are ~1.6 KB: 8 choices outgrow the kernel's socket buffers.
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 470, "ignore_eos": True, "n": 8,
             "stream": True, "logprobs": True, "top_logprobs": 20}
@@ -134,11 +136,11 @@ def test_slow_reader_does_not_stall_others_and_is_aborted_at_its_bound(servers) 
                                                             "ignore_eos": True}, timeout=120) for i in range(2)]
         assert [r.json()["usage"]["completion_tokens"] for r in others] == [40, 40]
         deadline = time.monotonic() + 60
-        while httpx.get(url + "/ready").json().get("slow_reader_aborts", 0) == before:
+        while httpx.get(url + "/ready").json()["gate"]["num_slow_reader_aborts"] == before:
             assert time.monotonic() < deadline, "the slow reader was never aborted"
             time.sleep(0.05)
         idle = wait_idle(url)  # while the slow client is still connected, reading nothing
-        assert idle["kv_slots_used"] == 0 and idle["generated_tokens"] > 0, idle
+        assert idle["scheduler"]["kv_slots_used"] == 0 and idle["num_generated_tokens"] > 0, idle
     finally:
         slow.close()
 
@@ -156,7 +158,7 @@ def test_short_overload_every_request_completes_or_is_refused_fast(servers) -> N
     refused = [r for r in records if r.status in (429, 503) and '"error"' in (r.error or "")]
     assert len(complete) + len(refused) == n, [(r.status, r.error) for r in records if r not in complete + refused]
     assert complete and refused, (len(complete), len(refused))
-    assert wait_idle(url)["kv_slots_used"] == 0
+    assert wait_idle(url)["scheduler"]["kv_slots_used"] == 0
 
 
 def test_sigterm_drains_the_running_stream_to_its_end_then_exits(tmp_path) -> None:

@@ -29,9 +29,9 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(servers) -> None:
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
-    health = httpx.get(url + "/health").json()
+    health = httpx.get(url + "/health").json()["scheduler"]
     assert health["prefix_cache_hits"] >= 2 * ((n - 1) // 16 * 16) and health["kv_block_size"] == 16
-    assert health["kv_slots_used"] == 0 and health["kv_slots_total"] > 0
+    assert health["kv_blocks_used"] == 0 and health["kv_blocks_total"] > 0
 
 
 def test_concurrent_requests_through_a_tiny_pool_are_preempted_and_exact(servers) -> None:
@@ -44,8 +44,8 @@ def test_concurrent_requests_through_a_tiny_pool_are_preempted_and_exact(servers
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(one, prompts))
     assert all(got == ref for got, ref in results)
-    health = httpx.get(url + "/health").json()
-    assert health["num_preemptions"] > 0 and health["kv_slots_total"] == 24 and health["kv_slots_used"] == 0
+    health = httpx.get(url + "/health").json()["scheduler"]
+    assert health["num_preemptions"] > 0 and health["kv_blocks_total"] == 24 and health["kv_blocks_used"] == 0
     metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()
                if line and not line.startswith("#")}
     assert metrics["stepserve:num_preemptions_total"] == health["num_preemptions"]

@@ -8,7 +8,7 @@ bench's CPU priority, runs ``python -m engines_compare bench`` against their URL
 invocation, and writes ``health.json`` (label -> the server's /health after its run) beside the
 bench's results.
 
-    python -m step07_paged_kv.bench_kv --out DIR \\
+    python -m engines_compare bench-kv --out DIR \\
         --server 'on=step07_paged_kv --max-seqs 16' --server 'off=step07_paged_kv --no-enable-prefix-caching' \\
         -- --model gemma-3-270m --workload shared-prefix --prefix-len 1024 --concurrency 4 --priority -15
 """
@@ -27,7 +27,7 @@ from engines_compare.targets import _spawn, free_port, set_priority, stop_proces
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m step07_paged_kv.bench_kv", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m engines_compare bench-kv", description=__doc__.splitlines()[0])
     p.add_argument("--server", action="append", required=True, help="LABEL=STEP FLAGS... (repeat)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--priority", type=int, default=-15, help="autogroup nice of the servers")

@@ -1,14 +1,19 @@
-"""Measure step 04 in-process: throughput, and the server's overhead per step against model time.
+"""Measure the engine in-process: throughput, where step time goes, and what observers cost.
 
-    python -m step04_kvcache.measure --model gemma-3-270m --concurrency 1,16 --input-len 128 --output-len 128
+    python -m engines_compare inprocess --model gemma-3-270m --concurrency 1,16 --input-len 128 --output-len 128
 
-Drives a :class:`ContinuousEngine` directly (no HTTP): ``concurrency`` greedy requests with
-``ignore_eos`` are sent at once and their token streams read on the event loop, as the API would.
-An observer records every step's :class:`StepStats`; the report gives output tokens/s over the
-whole run, and for the *full decode steps* (every request decoding, no prefill: the steady state
-of the benchmark) the mean step time, model time (``Transformer.forward``) and the overhead
-``step - model`` (scheduling, ``build_batch``, sampling, bookkeeping, the hand-off), as a share
-of model time.
+Assembles step 04's engine (``EngineCore`` with the contiguous scheduler and runner) and drives it
+directly (no HTTP): ``concurrency`` greedy requests with ``ignore_eos`` are sent at once and their
+token streams read on the event loop, as the API would. An observer records every step's
+:class:`StepStats`; the report gives output tokens/s over the whole run, and for the *full decode
+steps* (every request decoding, no prefill: the steady state of the benchmark) the mean step
+time, model time (``Transformer.forward``) and the overhead ``step - model`` (scheduling,
+``build_batch``, sampling, bookkeeping), as a share of model time.
+
+``--observe`` adds step 05's observers (metrics and request log), each wrapped in a timer, and
+reports the time spent in their callbacks as a share of the engine thread's step time: both are
+timed on the engine thread in the same run, so the share holds even on a busy machine, where two
+benchmark runs of the whole server differ by more than the effect.
 
 ``--baseline`` also times step 02's path (transformers, one request at a time) in the same
 process and prints each ratio to it: a ratio from one run, as the guide asks.
@@ -29,12 +34,16 @@ import time
 import torch
 
 from shared.config import ModelConfig
-from shared.engine import GenerationRequest
+from shared.engine import GenerationRequest, TokenEvent
+from shared.models import LoadedModel
 from shared.sampling import SamplingParams
-from step04_kvcache.engine import ContinuousEngine
-from step04_kvcache.model_runner import RunnerConfig
-from step04_kvcache.observer import RequestStats, StepStats
-from step04_kvcache.scheduler import SchedulerConfig
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
+from step04_kvcache.observer import EngineObserver, RequestStats, StepStats
+from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
+from step05_observability.metrics import EngineMetrics, new_registry
+from step05_observability.request_log import RequestLog, json_logger
 
 
 class Recorder:
@@ -51,14 +60,40 @@ class Recorder:
         self.requests.append(stats)
 
 
-async def _one_run(eng: ContinuousEngine, n: int, input_len: int, output_len: int, seed: int) -> tuple[float, int]:
+class TimedObserver:
+    """Forwards to ``inner`` and adds up the time each callback took."""
+
+    def __init__(self, inner: EngineObserver) -> None:
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        self.step_calls, self.step_cb_s, self.step_s = 0, 0.0, 0.0
+        self.request_calls, self.request_cb_s = 0, 0.0
+
+    def on_step(self, stats: StepStats) -> None:
+        t = time.perf_counter()
+        self.inner.on_step(stats)
+        self.step_cb_s += time.perf_counter() - t
+        self.step_calls += 1
+        self.step_s += stats.step_s
+
+    def on_request_finished(self, stats: RequestStats) -> None:
+        t = time.perf_counter()
+        self.inner.on_request_finished(stats)
+        self.request_cb_s += time.perf_counter() - t
+        self.request_calls += 1
+
+
+async def _one_run(eng: AsyncEngine, n: int, input_len: int, output_len: int, seed: int) -> tuple[float, int]:
     rng = random.Random(seed)
     vocab = eng.info().vocab_size
 
     async def one(i: int) -> int:
         ids = (2, *(rng.randrange(100, vocab) for _ in range(input_len - 1)))
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-        return sum([1 async for _ in eng.generate(GenerationRequest(f"m{seed}-{i}", ids, params, time.monotonic()))])
+        request = GenerationRequest(f"m{seed}-{i}", ids, params, time.monotonic())
+        return sum([isinstance(e, TokenEvent) async for e in eng.generate(request)])
 
     t0 = time.perf_counter()
     tokens = sum(await asyncio.gather(*[one(i) for i in range(n)]))
@@ -79,38 +114,62 @@ def _report(n: int, wall: float, tokens: int, steps: list[StepStats]) -> None:
           f"{step - model - ms(lambda s: s.schedule_s + s.prepare_s + s.sample_s):.3f} ms")
 
 
-def _baseline(eng: ContinuousEngine, input_len: int, output_len: int) -> float:
+def _baseline(lm: LoadedModel, input_len: int, output_len: int) -> float:
     """Step 02's path in this process: transformers, one request at a time (its tok/s at any concurrency)."""
     from shared.hf_runner import generate_tokens
 
     rng = random.Random(-1)
-    ids = (2, *(rng.randrange(100, eng.info().vocab_size) for _ in range(input_len - 1)))
+    ids = (2, *(rng.randrange(100, lm.tokenizer.vocab_size) for _ in range(input_len - 1)))
     req = GenerationRequest("baseline", ids, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True),
                             time.monotonic())
     t0 = time.perf_counter()
-    n = sum(1 for _ in generate_tokens(eng.load_for_request(), req, threading.Event()))
+    n = sum(1 for _ in generate_tokens(lm, req, threading.Event()))
     return n / (time.perf_counter() - t0)
+
+
+def _observer_report(timed: list[TimedObserver]) -> None:
+    steps, step_s = timed[0].step_calls, timed[0].step_s
+    step_cb, req_cb = sum(t.step_cb_s for t in timed), sum(t.request_cb_s for t in timed)
+    reqs = timed[0].request_calls
+    print(f"  on_step: {1e6 * step_cb / max(steps, 1):.0f} us per step (step mean "
+          f"{1e3 * step_s / max(steps, 1):.1f} ms); on_request_finished: {1e6 * req_cb / max(reqs, 1):.0f} us "
+          f"per request (metrics + JSON line)")
+    print(f"  observer callbacks: {1e3 * (step_cb + req_cb):.1f} ms of {step_s:.1f} s of steps = "
+          f"{100 * (step_cb + req_cb) / step_s:.3f}% of the engine thread's step time")
 
 
 async def measure(args: argparse.Namespace) -> None:
     rec = Recorder()
+    timed = [TimedObserver(EngineMetrics(new_registry())), TimedObserver(RequestLog(json_logger()))]
     sched = SchedulerConfig(max_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
-    runner = RunnerConfig(linear_backend=args.linear_backend)
-    eng = ContinuousEngine(ModelConfig(model=args.model, threads=args.threads), sched, runner, rec)
+    runner_cfg = RunnerConfig(linear_backend=args.linear_backend)
+    loaded: list[LoadedModel] = []
+
+    def build_core(lm: LoadedModel) -> EngineCore:  # step 04's assembly, observed
+        loaded.append(lm)
+        runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=False)
+        observers = [rec, *timed] if args.observe else [rec]
+        return EngineCore(ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner, observers=observers)
+
+    eng = AsyncEngine(ModelConfig(model=args.model, threads=args.threads), build_core)
     await eng.start()
-    print(f"model {args.model}, linear backend {type(eng.runner.model.lm_head).__name__}, "
+    print(f"model {args.model}, linear backend {type(eng.core.runner.model.lm_head).__name__}, "
           f"torch threads {torch.get_num_threads()}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, {args.input_len} in / {args.output_len} out")
     await _one_run(eng, 2, 16, 4, seed=0)  # warm-up
-    base = await asyncio.to_thread(_baseline, eng, args.input_len, args.output_len) if args.baseline else None
+    base = await asyncio.to_thread(_baseline, loaded[0], args.input_len, args.output_len) if args.baseline else None
     if base:
         print(f"step 02's path (transformers, one request at a time): {base:.2f} output tok/s")
     for n in args.concurrency:
         rec.steps.clear()
+        for t in timed:
+            t.reset()
         wall, tokens = await _one_run(eng, n, args.input_len, args.output_len, seed=n)
         _report(n, wall, tokens, rec.steps)
         if base:
             print(f"  ratio to step 02's path: {tokens / wall / base:.2f}x")
+        if args.observe:
+            _observer_report(timed)
     await eng.shutdown()
 
 
@@ -161,8 +220,8 @@ async def handoff(steps: int = 300, consumers: int = 16, size: int = 256, rounds
               f"over the work alone ({consumers} consumers)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m step04_kvcache.measure", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m engines_compare inprocess", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--concurrency", default="1,16", type=lambda v: [int(x) for x in v.split(",")])
     ap.add_argument("--input-len", type=int, default=128)
@@ -170,9 +229,10 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--linear-backend", default="auto", choices=("auto", "torch", "onednn"))
+    ap.add_argument("--observe", action="store_true", help="add step 05's observers and report their cost")
     ap.add_argument("--baseline", action="store_true", help="also time step 02's path and print ratios to it")
     ap.add_argument("--handoff", action="store_true", help="compare a dedicated thread with to_thread per step")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.handoff:
         asyncio.run(handoff())
     else:

@@ -1,6 +1,6 @@
 """Repeated overload bursts against a step 06 server it starts: is memory flat, is anything lost?
 
-``python -m step06_backpressure.soak --model tiny-llama --rounds 4 --requests 400 --rate 100``
+``python -m engines_compare soak --model tiny-llama --rounds 4 --requests 400 --rate 100``
 starts the server (``--max-waiting-requests 0``; extra flags after ``--``), prints its RSS, then per
 round sends ``--requests`` streamed requests open loop at ``--rate`` per second and prints the
 completed, refused and lost counts and the RSS 2 s after the round. Growth that stops after the
@@ -22,7 +22,7 @@ from engines_compare.targets import free_port, wait_healthy
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m step06_backpressure.soak", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engines_compare soak", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=400)
