@@ -1,7 +1,8 @@
 """``python -m engines_compare machine``: the machine a figure was measured on.
 
-Every published number names its machine (team guide, section 4): CPU model, cores, memory,
-GPU (when torch sees one) and the memory copy bandwidth, the denominator of model bandwidth
+Every published number names its machine (team guide, section 4): CPU model, cores, the CPU
+flags that decide which kernels run (AVX-512, avx512_bf16, avx512_vnni, AMX), memory, GPU (when
+torch sees one) and the memory copy bandwidth, the denominator of model bandwidth
 utilization (MBU). Bandwidth is measured here, not looked up: the best of several copies of a
 large buffer (numpy on the CPU; torch on the GPU when present), counted STREAM-style as bytes
 read plus bytes written per second.
@@ -32,11 +33,26 @@ class MachineInfo:
     platform: str
     copy_bandwidth_gbs: float | None  # CPU memory, read + write bytes per second / 1e9
     gpu_copy_bandwidth_gbs: float | None
+    cpu_flags: tuple[str, ...] = ()  # of KERNEL_FLAGS, those the CPU has (empty in results before 2026-11-30)
 
     def describe(self) -> str:
         gpu = self.gpu or "no GPU"
         bw = f", copy {self.copy_bandwidth_gbs:.1f} GB/s" if self.copy_bandwidth_gbs else ""
-        return f"{self.cpu_model}, {self.cpu_cores} cores, {self.memory_gib:.0f} GiB, {gpu}{bw}"
+        flags = f" ({' '.join(self.cpu_flags)})" if self.cpu_flags else ""
+        return f"{self.cpu_model}{flags}, {self.cpu_cores} cores, {self.memory_gib:.0f} GiB, {gpu}{bw}"
+
+
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Which of ``KERNEL_FLAGS`` /proc/cpuinfo lists: what bf16 / int8 kernels can use here."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return ()
+    have = set(line.split(":", 1)[1].split())
+    return tuple(f for f in KERNEL_FLAGS if f in have)
 
 
 def cpu_model() -> str:
@@ -114,7 +130,8 @@ def collect(measure: bool = True, size_mb: int = 256) -> MachineInfo:
         cpu_model=cpu_model(), cpu_cores=cores(), memory_gib=round(memory_gib(), 1), gpu=gpu,
         python=platform.python_version(), platform=platform.platform(terse=True),
         copy_bandwidth_gbs=round(cpu_copy_bandwidth(size_mb), 2) if measure else None,
-        gpu_copy_bandwidth_gbs=round(gpu_copy_bandwidth(torch), 1) if measure and torch is not None else None)
+        gpu_copy_bandwidth_gbs=round(gpu_copy_bandwidth(torch), 1) if measure and torch is not None else None,
+        cpu_flags=cpu_flags())
 
 
 def git_info(repo: Path = REPO) -> dict[str, Any]:

@@ -14,7 +14,7 @@ layouts' :class:`BlockStorage`) so the attention code is unchanged.
 
 Vocabulary (vLLM's, used in every step from 04 on):
 
-* *slot*: one KV position, the K and V of one token in one layer's cache; ``slot_mapping`` names
+* *slot*: one KV position, where one token's keys and values live (the same index in every layer); ``slot_mapping`` names
   the slots a step's new tokens are written to, and ``kv_slots_used`` counts reserved slots;
 * *row*: step 04's contiguous per-sequence region of ``max_len`` slots (one block of the whole row);
 * *block*: a page of step 07's pool, ``block_size`` slots; a sequence's *block table* lists its

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engines_compare import __main__ as cli
+from engines_compare import machine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,8 @@ def test_machine_command_prints_json_through_python_dash_m() -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["cpu_cores"] >= 1 and info["cpu_model"] and info["copy_bandwidth_gbs"] > 0
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    assert info["cpu_flags"] == [f for f in machine.KERNEL_FLAGS if f in flags]  # what the kernels can use
     assert len(info["git"]["commit"]) == 40
 
 
