@@ -91,7 +91,7 @@ class EngineCore:
         if out.is_empty:
             return self._take()
         for seq in out.scheduled_seqs:  # a sequence's first scheduled step: its queue time ends
-            if seq.first_scheduled_time is None:  # (not start == 0: a cached prefix starts later)
+            if seq.first_scheduled_time is None:  # (whatever position its first chunk starts at)
                 seq.first_scheduled_time = now
         t1 = time.perf_counter()
         rows = out.sampling_seqs
