@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -31,6 +32,9 @@ from shared.errors import RequestError
 from shared.request_id import RequestIdMiddleware
 from shared.outputs import OutputProcessor, TextDelta
 from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, sse
+
+
+log = logging.getLogger("shared.api")
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -72,8 +76,16 @@ def _cached_tokens(choices: list[_Choice]) -> int | None:
 class OpenAIServer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.load_error: str | None = None  # set if engine.start() failed
+
+    def failure(self) -> str | None:
+        """Why this server cannot serve: its engine failed to load, or failed since."""
+        return self.load_error or self.engine.error()
 
     def info(self) -> ModelInfo:
+        if (failure := self.failure()) is not None:
+            raise RequestError(f"the engine cannot serve: {failure}", status=503, type="service_unavailable",
+                               code="engine_failed")
         info = self.engine.info()
         if info is None:
             raise RequestError("the model is still loading; retry shortly", status=503,
@@ -248,6 +260,14 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def _record_load_failure(task: asyncio.Task, server: OpenAIServer) -> None:
+    """A failed ``engine.start()`` is a clear error on ``/health`` and on requests, never "loading" forever."""
+    if task.cancelled() or (e := task.exception()) is None:
+        return
+    server.load_error = f"loading failed: {type(e).__name__}: {e}"
+    log.error("%s", server.load_error, exc_info=e)
+
+
 def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
     """``server``: an ``OpenAIServer`` subclass built around ``engine`` (step 06 adds admission)."""
     server = server or OpenAIServer(engine)
@@ -255,6 +275,7 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(engine.start())  # serve /health (503) while loading
+        loading.add_done_callback(lambda task: _record_load_failure(task, server))
         yield
         loading.cancel()
         await engine.shutdown()
@@ -269,6 +290,9 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if (failure := server.failure()) is not None:
+            return JSONResponse({"status": "failed", "error": failure, **dataclasses.asdict(engine.stats())},
+                                status_code=503)
         ready = engine.info() is not None
         return JSONResponse({"status": "ok" if ready else "loading", **dataclasses.asdict(engine.stats())},
                             status_code=200 if ready else 503)

@@ -76,5 +76,9 @@ class Engine(Protocol):
     def stats(self) -> Any:
         """A frozen dataclass of counters, for ``/health`` and metrics."""
 
+    def error(self) -> str | None:
+        """Why the engine can no longer serve (its engine thread died), or None. ``/health`` then
+        answers 503 ``failed`` with it, and so does every new request, at once."""
+
     async def shutdown(self) -> None:
         """Release threads and memory."""

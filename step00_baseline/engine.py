@@ -51,6 +51,9 @@ class BaselineEngine:
         if (event := self._cancel.get(request_id)) is not None:
             event.set()
 
+    def error(self) -> str | None:
+        return None  # each request runs on its own thread: nothing shared can die
+
     def stats(self) -> RequestCounts:
         return RequestCounts(num_running=len(self._cancel))
 

@@ -27,6 +27,7 @@ import torch
 
 from shared.config import ModelConfig
 from shared.engine import GenerationRequest, ModelInfo, RequestFacts, TokenEvent
+from shared.errors import RequestError
 from shared.models import LoadedModel, load_model, model_info, prepare
 from step04_kvcache.engine_core import DONE, EngineCore, Entry, Outputs
 from step04_kvcache.scheduler import SchedulerStats
@@ -73,6 +74,7 @@ class AsyncEngine:
         self._live: dict[str, list[Entry]] = {}  # request id -> its entries in flight (event loop)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: str | None = None  # set once if the engine thread dies
 
     async def start(self) -> None:
         await asyncio.to_thread(prepare, self.model_cfg)  # the one-time conversion, if needed
@@ -87,13 +89,24 @@ class AsyncEngine:
     def info(self) -> ModelInfo | None:
         return self._info
 
+    def error(self) -> str | None:
+        return self._error
+
+    def _dead(self) -> RequestError:
+        return RequestError(f"the engine cannot serve: {self._error}", status=503, type="service_unavailable",
+                            code="engine_failed")
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestFacts | TokenEvent]:
+        if self._error is not None:
+            raise self._dead()
         for policy in self.request_policies:
             policy.on_arrival(request)  # a refusal is raised here, before any work
         entry = Entry(request, asyncio.Queue())
         self._live.setdefault(request.request_id, []).append(entry)
         self._inbox.put(entry)
         try:
+            if self._error is not None:  # died just now: the inbox may already have been drained
+                raise self._dead()
             while (item := await entry.out.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
@@ -145,11 +158,23 @@ class AsyncEngine:
                 while self._admit(core, block=not core.has_work()):
                     if core.has_work():
                         self._flush(core.step())
-        except BaseException:
+        except BaseException as e:  # the thread dies: /health says so, and nothing may wait forever
             log.exception("engine thread failed")
-            raise
-        finally:
-            self._flush(core.abort_all())
+            self._error = f"engine thread died: {type(e).__name__}: {e}"
+            self._flush(core.abort_all(self._dead()))
+            self._flush(self._refuse_inbox())
+            return  # logged above; the thread ends here
+        self._flush(core.abort_all())  # told to stop
+
+    def _refuse_inbox(self) -> Outputs:
+        outputs: Outputs = []
+        while True:
+            try:
+                entry = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            if entry is not None:
+                outputs += [(entry, self._dead()), (entry, DONE)]
 
     def _admit(self, core: EngineCore, block: bool) -> bool:
         """Move new requests from the inbox into the core; False once told to stop."""

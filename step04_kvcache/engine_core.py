@@ -114,11 +114,15 @@ class EngineCore:
             o.on_step(stats)
         return self._take()
 
-    def abort_all(self) -> Outputs:
-        """Stopping (or crashed): every request ends, nobody waits forever."""
+    def abort_all(self, error: Exception | None = None) -> Outputs:
+        """Stopping (every request is aborted) or crashed (every request fails with ``error``):
+        nobody waits forever."""
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
-            self.scheduler.finish(seq, "abort")
-            self._retire(seq)
+            if error is None:
+                self.scheduler.finish(seq, "abort")
+                self._retire(seq)
+            else:
+                self._fail(seq, error)
         return self._take()
 
     # ---- inside a step ----------------------------------------------------------------------

@@ -11,8 +11,8 @@ before the response starts (so that each refusal is a proper HTTP status, also f
 3. admission: all the request's choices enter the backlog together, or it is a 429.
 
 ``GET /ready`` is the readiness probe: 200 ``ready`` while new work would be admitted, 503 with
-``loading``, ``overloaded`` (the backlog is full) or ``draining`` (shutting down), and the
-engine's and the gate's counters either way. ``/health`` stays the liveness probe.
+``loading``, ``failed`` (the engine failed to load or died, with the error), ``overloaded`` (the
+backlog is full) or ``draining`` (shutting down), and the engine's and the gate's counters. ``/health`` stays the liveness probe.
 """
 from __future__ import annotations
 
@@ -98,7 +98,10 @@ class BackpressureServer(OpenAIServer):
             self.backlog.release_unclaimed(reqs)
 
 
-def readiness(engine: Engine, backlog: Backlog, gate: Gate) -> dict[str, Any]:
+def readiness(server: OpenAIServer, backlog: Backlog, gate: Gate) -> dict[str, Any]:
+    engine = server.engine
+    if (failure := server.failure()) is not None:
+        return {"status": "failed", "error": failure, **dataclasses.asdict(engine.stats())}
     if gate.draining:
         status = "draining"
     elif engine.info() is None:
@@ -115,7 +118,8 @@ def make_app(engine: Engine, backlog: Backlog, deadlines: Deadlines | None = Non
     limits' and the gate's flags (their defaults without)."""
     limits = from_args(LimitsConfig, ns) if ns is not None else LimitsConfig()
     gate_cfg = from_args(GateConfig, ns) if ns is not None else GateConfig()
-    app = build_app(engine, server=BackpressureServer(engine, backlog, limits))
+    server = BackpressureServer(engine, backlog, limits)
+    app = build_app(engine, server=server)
     gate = app.state.gate = Gate(gate_cfg, backlog.config.retry_after)
     app.add_middleware(GateMiddleware, gate=gate)
     if registry is not None:
@@ -124,7 +128,7 @@ def make_app(engine: Engine, backlog: Backlog, deadlines: Deadlines | None = Non
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        body = readiness(engine, backlog, gate)
+        body = readiness(server, backlog, gate)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     return app

@@ -11,6 +11,7 @@ import torch
 
 from shared.config import ModelConfig
 from shared.engine import GenerationRequest
+from shared.errors import RequestError
 from shared.sampling import SamplingParams
 from shared.tiny import TINY_SLIDING_WINDOW
 from step04_kvcache import engine_core as engine_module
@@ -290,3 +291,24 @@ def test_linear_backend_auto_is_onednn_on_cpu_float32_only() -> None:
     assert resolve_linear_backend("torch", cpu, torch.float32) == "torch"
     with pytest.raises(ValueError, match="linear_backend"):
         resolve_linear_backend("onednn", cuda, torch.float32)
+
+
+def test_a_dead_engine_thread_fails_its_requests_and_refuses_new_ones_at_once() -> None:
+    """An error outside the forward (here: the scheduler) kills the engine thread: the request in
+    flight gets the error, ``error()`` says why, and a new request is a 503 at once, not a hang."""
+    eng, _ = make(model="tiny-llama")
+
+    async def run() -> None:
+        await eng.start()
+        first = eng.generate(greq("running", [2, 3, 4], 400))
+        await anext(first)
+        eng.core.scheduler.schedule = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RequestError, match="engine thread died: RuntimeError: boom") as e:
+            async for _ in first:
+                pass
+        assert e.value.status == 503 and "boom" in eng.error()
+        with pytest.raises(RequestError, match="cannot serve"):
+            await asyncio.wait_for(collect(eng, greq("after", [2, 3], 2)), 5)
+        await eng.shutdown()
+
+    asyncio.run(run())

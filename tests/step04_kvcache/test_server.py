@@ -57,3 +57,29 @@ def test_scheduler_and_cache_settings_are_flags() -> None:
         ["--max-seqs", "8", "--max-num-batched-tokens", "64", "--kv-cache-gib", "0.5", "--linear-backend", "torch"])
     assert from_args(SchedulerConfig, ns) == SchedulerConfig(max_seqs=8, max_num_batched_tokens=64)
     assert from_args(RunnerConfig, ns) == RunnerConfig(kv_cache_gib=0.5, linear_backend="torch")
+
+
+def test_a_failed_load_is_a_clear_503_on_health_and_requests(tmp_path) -> None:
+    """16 rows of 400 tokens do not fit in 0.001 GiB: start() fails. /health says so (not "loading"
+    forever), and requests get the reason at once."""
+    from tests.conftest import Server
+
+    srv = Server("step04_kvcache", MODEL, ("--max-model-len", "400", "--kv-cache-gib", "0.001"), tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(srv.url + "/health", timeout=5)
+                if health.json()["status"] != "loading":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert health.status_code == 503 and health.json()["status"] == "failed", health.text
+        assert "max_model_len" in health.json()["error"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+        assert "max_model_len" in r.json()["error"]["message"]
+    finally:
+        srv.stop()

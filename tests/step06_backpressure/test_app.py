@@ -26,6 +26,7 @@ class HoldingEngine:
         self.backlog = Backlog(admission, max_running=1)
         self.release = asyncio.Event()
         self.aborted: list[str] = []
+        self.failed: str | None = None  # what error() reports
         self._info = ModelInfo("holding", load_tokenizer(ModelConfig(model="tiny-llama")), 512, 256)
 
     async def start(self) -> None:
@@ -46,6 +47,9 @@ class HoldingEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def error(self) -> str | None:
+        return self.failed
 
     def stats(self) -> AdmissionStats:
         return self.backlog.stats()
@@ -234,3 +238,20 @@ def test_nul_bytes_and_control_characters_in_a_prompt_are_just_text() -> None:
             return await c.post("/v1/completions", json={"prompt": "a\u0000b\u001b[2J\r\n", "max_tokens": 2})
 
     assert asyncio.run(main()).json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_failed_engine_is_a_503_on_health_ready_and_requests_never_a_hang() -> None:
+    engine, app = build()
+    engine.failed = "engine thread died: RuntimeError: boom"
+
+    async def main() -> None:
+        async with client(app) as c:
+            for path in ("/health", "/ready"):
+                r = await c.get(path)
+                assert r.status_code == 503 and r.json()["status"] == "failed", r.text
+                assert r.json()["error"] == engine.failed
+            err = error(await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 503, "engine_failed")
+            assert "boom" in err["message"]
+            assert engine.backlog.num_in_flight == 0  # refused before admission
+
+    asyncio.run(main())
