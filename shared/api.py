@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import protocol as P
 from shared.engine import Engine, GenerationRequest, ModelInfo, RequestFacts
-from shared.errors import RequestError
+from shared.errors import RequestError, engine_failed
 from shared.request_id import RequestIdMiddleware
 from shared.outputs import OutputProcessor, TextDelta
 from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, sse
@@ -84,8 +84,7 @@ class OpenAIServer:
 
     def info(self) -> ModelInfo:
         if (failure := self.failure()) is not None:
-            raise RequestError(f"the engine cannot serve: {failure}", status=503, type="service_unavailable",
-                               code="engine_failed")
+            raise engine_failed(failure)
         info = self.engine.info()
         if info is None:
             raise RequestError("the model is still loading; retry shortly", status=503,

@@ -15,3 +15,9 @@ class RequestError(ValueError):
         self.type = type
         self.code = code
         self.headers = headers  # e.g. Retry-After on a 429
+
+
+def engine_failed(reason: str) -> RequestError:
+    """The 503 of a server whose engine failed to load or died: the reason, never a hang."""
+    return RequestError(f"the engine cannot serve: {reason}", status=503, type="service_unavailable",
+                        code="engine_failed")

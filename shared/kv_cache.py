@@ -100,11 +100,5 @@ class ContiguousKVCache(BlockStorage):
     def max_seqs(self) -> int:
         return self.k[0].shape[0]
 
-    def block_table(self, row: int) -> list[int]:
-        """The block table of the sequence that owns cache row ``row``."""
-        if not 0 <= row < self.max_seqs:
-            raise ValueError(f"row: must be in [0, {self.max_seqs}), got {row}")
-        return [row]
-
     def slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_tables[:, :1] * self.block_size + positions  # [B, L]

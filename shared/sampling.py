@@ -58,6 +58,8 @@ class SamplingParams:
             raise bad("min_tokens", "in [0, max_tokens]", self.min_tokens)
         if any(not s for s in self.stop):
             raise bad("stop", "non-empty strings", self.stop)
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise bad("seed", "in [-2**63, 2**64) (choice i of n uses seed + i)", self.seed)
 
     @property
     def greedy(self) -> bool:

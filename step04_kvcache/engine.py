@@ -27,7 +27,7 @@ import torch
 
 from shared.config import ModelConfig
 from shared.engine import GenerationRequest, ModelInfo, RequestFacts, TokenEvent
-from shared.errors import RequestError
+from shared.errors import RequestError, engine_failed
 from shared.models import LoadedModel, load_model, model_info, prepare
 from step04_kvcache.engine_core import DONE, EngineCore, Entry, Outputs
 from step04_kvcache.scheduler import SchedulerStats
@@ -75,6 +75,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: str | None = None  # set once if the engine thread dies
+        self._stopping = False  # shutdown() began: new requests are refused, none is left waiting
 
     async def start(self) -> None:
         await asyncio.to_thread(prepare, self.model_cfg)  # the one-time conversion, if needed
@@ -92,21 +93,23 @@ class AsyncEngine:
     def error(self) -> str | None:
         return self._error
 
-    def _dead(self) -> RequestError:
-        return RequestError(f"the engine cannot serve: {self._error}", status=503, type="service_unavailable",
-                            code="engine_failed")
+    def _refusal(self) -> RequestError:
+        """The 503 for a request that cannot enter: the engine thread died, or it is stopping."""
+        if self._error is not None:
+            return engine_failed(self._error)
+        return RequestError("the engine is shutting down", status=503, type="service_unavailable",
+                            code="shutting_down")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestFacts | TokenEvent]:
-        if self._error is not None:
-            raise self._dead()
-        for policy in self.request_policies:
-            policy.on_arrival(request)  # a refusal is raised here, before any work
+        if self._error is not None or self._stopping:
+            raise self._refusal()
+        self._arrive(request)  # a policy's refusal is raised here, before any work
         entry = Entry(request, asyncio.Queue())
         self._live.setdefault(request.request_id, []).append(entry)
         self._inbox.put(entry)
         try:
-            if self._error is not None:  # died just now: the inbox may already have been drained
-                raise self._dead()
+            if self._error is not None or self._stopping:  # just now: the inbox may have been drained
+                raise self._refusal()
             while (item := await entry.out.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
@@ -119,6 +122,18 @@ class AsyncEngine:
             self._forget(entry)
             for policy in self.request_policies:
                 policy.on_finish(request)
+
+    def _arrive(self, request: GenerationRequest) -> None:
+        """Every request policy admits ``request``, or none keeps it."""
+        admitted: list[RequestPolicy] = []
+        try:
+            for policy in self.request_policies:
+                policy.on_arrival(request)
+                admitted.append(policy)
+        except BaseException:
+            for policy in admitted:
+                policy.on_finish(request)
+            raise
 
     def _forget(self, entry: Entry) -> None:
         entries = self._live.get(entry.request.request_id, [])
@@ -141,6 +156,7 @@ class AsyncEngine:
         return EngineStats(core.num_generated_tokens, pending, core.scheduler.stats(), policies)
 
     async def shutdown(self) -> None:
+        self._stopping = True
         for entries in self._live.values():
             for entry in entries:
                 entry.cancelled.set()
@@ -161,10 +177,19 @@ class AsyncEngine:
         except BaseException as e:  # the thread dies: /health says so, and nothing may wait forever
             log.exception("engine thread failed")
             self._error = f"engine thread died: {type(e).__name__}: {e}"
-            self._flush(core.abort_all(self._dead()))
+            self._flush(self._fail_all(core))
             self._flush(self._refuse_inbox())
             return  # logged above; the thread ends here
         self._flush(core.abort_all())  # told to stop
+        self._flush(self._refuse_inbox())
+
+    def _fail_all(self, core: EngineCore) -> Outputs:
+        """Every request in the core gets the error, even if the parts that died fail again."""
+        try:
+            return core.abort_all(self._refusal())
+        except Exception:
+            log.exception("failing the requests through the scheduler failed too; ending them directly")
+            return [(entry, item) for entry in core.entries() for item in (self._refusal(), DONE)]
 
     def _refuse_inbox(self) -> Outputs:
         outputs: Outputs = []
@@ -174,7 +199,7 @@ class AsyncEngine:
             except queue.Empty:
                 return outputs
             if entry is not None:
-                outputs += [(entry, self._dead()), (entry, DONE)]
+                outputs += [(entry, self._refusal()), (entry, DONE)]
 
     def _admit(self, core: EngineCore, block: bool) -> bool:
         """Move new requests from the inbox into the core; False once told to stop."""

@@ -38,7 +38,8 @@ DONE = object()  # a request's last output item
 
 @dataclasses.dataclass(eq=False, slots=True)  # eq=False: identity (two requests may share an id)
 class Entry:
-    """A request on its way through the engine; the front end reads its items from ``out``."""
+    """A request on its way through the engine; the front end reads its items from ``out``. (Step
+    02's queue has an entry of the same shape; this engine does not build on step 02's, on purpose.)"""
 
     request: GenerationRequest
     out: asyncio.Queue  # RequestFacts, TokenEvent, an exception, or DONE
@@ -76,13 +77,17 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def add(self, entry: Entry) -> Outputs:
-        seq = self.scheduler.new_sequence(entry.request, self.runner.device)
         try:
+            seq = self.scheduler.new_sequence(entry.request, self.runner.device)
             self.scheduler.add(seq)
-        except ValueError as e:  # the request is refused; the engine goes on
+        except Exception as e:  # this request is refused (too long, a seed torch refuses); the engine goes on
             return [(entry, e), (entry, DONE)]
         self._entries[seq] = entry
         return []
+
+    def entries(self) -> list[Entry]:
+        """The requests in the engine (waiting or running)."""
+        return list(self._entries.values())
 
     def step(self) -> Outputs:
         t0, now = time.perf_counter(), time.monotonic()
@@ -90,7 +95,8 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return self._take()
-        for seq in out.scheduled_seqs:  # a sequence's first scheduled step: its queue time ends
+        scheduled = out.scheduled_seqs
+        for seq in scheduled:  # a sequence's first scheduled step: its queue time ends
             if seq.first_scheduled_time is None:  # (whatever position its first chunk starts at)
                 seq.first_scheduled_time = now
         t1 = time.perf_counter()
@@ -104,14 +110,15 @@ class EngineCore:
                              [s.generator for s in rows], self.scheduler.eos_token_ids) if rows else None
         except Exception as e:  # the step's requests fail; the engine goes on
             log.exception("step failed")
-            for seq in out.scheduled_seqs:
+            for seq in scheduled:
                 self._fail(seq, e)
             return self._take()
         t4 = time.perf_counter()
         self._emit(out, rows, sampled)
-        stats = self._step_stats(out, len(rows), (t0, t1, t2, t3, t4))
-        for o in self.observers:
-            o.on_step(stats)
+        if self.observers:
+            stats = self._step_stats(out, len(rows), (t0, t1, t2, t3, t4))
+            for o in self.observers:
+                o.on_step(stats)
         return self._take()
 
     def abort_all(self, error: Exception | None = None) -> Outputs:
@@ -133,8 +140,8 @@ class EngineCore:
             if entry.cancelled.is_set():
                 self.scheduler.finish(seq, "abort")
                 self._retire(seq, now)
-        live = [(seq, entry.request) for seq, entry in self._entries.items()]
-        for policy in self.policies:
+        for policy in self.policies:  # each sees what the ones before it left (and no cancelled request)
+            live = [(seq, e.request) for seq, e in self._entries.items() if not e.cancelled.is_set()]
             for seq, error in policy.before_step(live, now):
                 self._fail(seq, error, now)
 

@@ -43,7 +43,7 @@ def new_cache(model: Transformer, max_seqs: int = 4, max_len: int = 128, fill: f
 def step(model: Transformer, cache: ContiguousKVCache, seqs: list[tuple[list[int], int, int]],
          last_only: bool = False) -> list[torch.Tensor]:
     """One forward over ``seqs`` = (new token ids, context length, cache row); logits per sequence."""
-    b = build_batch([s[0] for s in seqs], [s[1] for s in seqs], [cache.block_table(s[2]) for s in seqs],
+    b = build_batch([s[0] for s in seqs], [s[1] for s in seqs], [[s[2]] for s in seqs],  # a row's block table
                     cache.block_size)
     with torch.inference_mode():
         logits = model(b.input_ids, b.positions, cache, b.attn_metadata, b.logits_indices if last_only else None)

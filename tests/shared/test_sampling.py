@@ -101,3 +101,12 @@ def test_invalid_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(RequestError) as e:
         SamplingParams(**{field: value})
     assert e.value.param == field and field in e.value.message
+
+
+def test_a_seed_outside_what_torch_takes_is_a_400_naming_seed() -> None:
+    for seed in (-2**63, 0, 2**64 - 1):
+        make_generator(SamplingParams(seed=seed), torch.device("cpu"))  # all accepted by torch
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(RequestError) as e:
+            SamplingParams(seed=seed)
+        assert e.value.param == "seed" and e.value.status == 400

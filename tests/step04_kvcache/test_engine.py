@@ -312,3 +312,45 @@ def test_a_dead_engine_thread_fails_its_requests_and_refuses_new_ones_at_once() 
         await eng.shutdown()
 
     asyncio.run(run())
+
+
+def test_after_shutdown_a_request_is_refused_at_once_not_left_waiting() -> None:
+    eng, _ = make(model="tiny-llama")
+
+    async def run() -> None:
+        await eng.start()
+        await eng.shutdown()
+        with pytest.raises(RequestError, match="shutting down") as e:
+            await asyncio.wait_for(collect(eng, greq("late", [2, 3], 2)), 5)
+        assert e.value.status == 503
+
+    asyncio.run(run())
+
+
+def test_request_policies_admit_all_or_none() -> None:
+    """A later policy's refusal undoes what the earlier ones admitted (nothing leaks)."""
+    calls: list[str] = []
+
+    class Policy:
+        def __init__(self, name: str, refuse: bool) -> None:
+            self.name, self.refuse = name, refuse
+
+        def on_arrival(self, request: GenerationRequest) -> None:
+            calls.append(f"{self.name}:arrival")
+            if self.refuse:
+                raise RequestError("no", status=429)
+
+        def on_first_token(self, request: GenerationRequest) -> None:
+            calls.append(f"{self.name}:first")
+
+        def on_finish(self, request: GenerationRequest) -> None:
+            calls.append(f"{self.name}:finish")
+
+        def stats(self) -> None:
+            return None
+
+    eng = AsyncEngine(ModelConfig(model="tiny-llama"), build_core=lambda lm: None,  # type: ignore[arg-type,return-value]
+                      request_policies=[Policy("a", False), Policy("b", True)])
+    with pytest.raises(RequestError):
+        asyncio.run(collect(eng, greq("r", [2, 3], 2)))
+    assert calls == ["a:arrival", "b:arrival", "a:finish"]

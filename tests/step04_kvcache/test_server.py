@@ -83,3 +83,13 @@ def test_a_failed_load_is_a_clear_503_on_health_and_requests(tmp_path) -> None:
         assert "max_model_len" in r.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_a_seed_torch_refuses_is_a_400_and_the_engine_goes_on(servers) -> None:
+    """Choice 1 of n=2 would seed 2**64: refused up front, naming the field; the engine thread
+    (which one such seed used to kill) still serves."""
+    url = servers("step04_kvcache", MODEL, *FLAGS).url
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "n": 2, "seed": 2**64 - 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "seed": 2**64 - 1}, timeout=60)
+    assert ok.status_code == 200 and httpx.get(url + "/health").json()["status"] == "ok"
