@@ -82,6 +82,14 @@ class OpenAIServer:
         """Why this server cannot serve: its engine failed to load, or failed since."""
         return self.load_error or self.engine.error()
 
+    def health(self) -> dict[str, Any]:
+        """``/health``'s body: ``status`` ok, loading or failed (with ``error``), and the engine's stats."""
+        if (failure := self.failure()) is not None:
+            head: dict[str, Any] = {"status": "failed", "error": failure}
+        else:
+            head = {"status": "ok" if self.engine.info() is not None else "loading"}
+        return {**head, **dataclasses.asdict(self.engine.stats())}
+
     def info(self) -> ModelInfo:
         if (failure := self.failure()) is not None:
             raise engine_failed(failure)
@@ -289,12 +297,8 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if (failure := server.failure()) is not None:
-            return JSONResponse({"status": "failed", "error": failure, **dataclasses.asdict(engine.stats())},
-                                status_code=503)
-        ready = engine.info() is not None
-        return JSONResponse({"status": "ok" if ready else "loading", **dataclasses.asdict(engine.stats())},
-                            status_code=200 if ready else 503)
+        body = server.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     app.get("/v1/models")(server.models)
     app.post("/v1/completions")(server.completions)

@@ -99,16 +99,17 @@ class BackpressureServer(OpenAIServer):
 
 
 def readiness(server: OpenAIServer, backlog: Backlog, gate: Gate) -> dict[str, Any]:
-    engine = server.engine
-    if (failure := server.failure()) is not None:
-        return {"status": "failed", "error": failure, **dataclasses.asdict(engine.stats())}
+    """``/health``'s body with the readiness status: failed, draining, loading, overloaded or ready."""
+    body = server.health()
+    if body["status"] == "failed":
+        return body
     if gate.draining:
         status = "draining"
-    elif engine.info() is None:
+    elif body["status"] == "loading":
         status = "loading"
     else:
         status = "overloaded" if backlog.overloaded() else "ready"
-    return {"status": status, **dataclasses.asdict(engine.stats()), "gate": dataclasses.asdict(gate.stats())}
+    return {**body, "status": status, "gate": dataclasses.asdict(gate.stats())}
 
 
 def make_app(engine: Engine, backlog: Backlog, deadlines: Deadlines | None = None, ns: argparse.Namespace | None = None,
