@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.cpu import KERNEL_FLAGS, cpu_flags  # noqa: F401  (KERNEL_FLAGS: part of this module's record)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -40,19 +42,6 @@ class MachineInfo:
         bw = f", copy {self.copy_bandwidth_gbs:.1f} GB/s" if self.copy_bandwidth_gbs else ""
         flags = f" ({' '.join(self.cpu_flags)})" if self.cpu_flags else ""
         return f"{self.cpu_model}{flags}, {self.cpu_cores} cores, {self.memory_gib:.0f} GiB, {gpu}{bw}"
-
-
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> tuple[str, ...]:
-    """Which of ``KERNEL_FLAGS`` /proc/cpuinfo lists: what bf16 / int8 kernels can use here."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return ()
-    have = set(line.split(":", 1)[1].split())
-    return tuple(f for f in KERNEL_FLAGS if f in have)
 
 
 def cpu_model() -> str:

@@ -59,11 +59,25 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
 class _Choice:
     """One engine request and the output processor that turns its tokens into text."""
 
-    def __init__(self, index: int, req: GenerationRequest, proc: OutputProcessor, first_of_prompt: bool = True) -> None:
+    def __init__(self, index: int, req: GenerationRequest, proc: OutputProcessor, first_of_prompt: bool = True,
+                 echo: str | None = None) -> None:
         self.index, self.req, self.proc = index, req, proc
         self.first_of_prompt = first_of_prompt  # usage counts each prompt once, whatever n
+        self.echo = echo  # the prompt's text, sent before the completion (``echo``)
         self.engine_done = False
         self.num_cached_tokens: int | None = None  # from the engine's RequestFacts (None: no prefix cache)
+
+    @property
+    def text(self) -> str:
+        return (self.echo or "") + self.proc.text
+
+    def echo_delta(self, facts: RequestFacts | None) -> TextDelta:
+        """The prompt as the first delta, with its tokens' logprobs where the engine sent them."""
+        ids = list(self.req.prompt_token_ids)
+        entries = facts.prompt_logprobs if facts is not None and facts.prompt_logprobs else [None] * len(ids)
+        lps = [None if e is None else e.logprob for e in entries]
+        tops = [None if e is None else (*e.top_logprobs, (t, e.logprob)) for t, e in zip(ids, entries)]
+        return TextDelta(text=self.echo or "", token_ids=ids, logprobs=lps, top_logprobs=tops, finish_reason=None)
 
 
 def _cached_tokens(choices: list[_Choice]) -> int | None:
@@ -88,6 +102,8 @@ class OpenAIServer:
             head: dict[str, Any] = {"status": "failed", "error": failure}
         else:
             head = {"status": "ok" if self.engine.info() is not None else "loading"}
+        if (info := self.engine.info()) is not None and info.runtime:
+            head["model"] = dict(info.runtime)  # how it runs: dtype, quantization, kernels
         return {**head, **dataclasses.asdict(self.engine.stats())}
 
     def info(self) -> ModelInfo:
@@ -118,7 +134,8 @@ class OpenAIServer:
         return room
 
     def _choices(self, base_id: str, prompts: list[tuple[int, ...]], max_tokens: int | None,
-                 req: P._Common, logprobs: int | None, prompt_param: str) -> list[_Choice]:
+                 req: P._Common, logprobs: int | None, prompt_param: str, prompt_logprobs: int | None = None,
+                 echoes: list[str] | None = None) -> list[_Choice]:
         """One engine request per prompt and per ``n``; choice ``i`` of a seeded request uses
         ``seed + i``, so the choices differ but the whole response is reproducible."""
         info, out = self.info(), []
@@ -126,21 +143,30 @@ class OpenAIServer:
             limit = P.check_fits(len(ids), max_tokens, info.max_model_len, prompt_param)
             if max_tokens is None:
                 limit = self.default_max_tokens(limit)
-            params = P.sampling_params(req, limit, logprobs)
+            params = P.sampling_params(req, limit, logprobs, prompt_logprobs)
             for i in range(req.n):
                 if req.seed is not None and i:
-                    params = P.sampling_params(req.model_copy(update={"seed": req.seed + i}), limit, logprobs)
+                    params = P.sampling_params(req.model_copy(update={"seed": req.seed + i}), limit, logprobs,
+                                               prompt_logprobs)
                 index = p_idx * req.n + i
                 greq = GenerationRequest(f"{base_id}-{index}", ids, params, time.monotonic(), req.timeout)
-                out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop), i == 0))
+                out.append(_Choice(index, greq, OutputProcessor(info.tokenizer, ids, params.stop), i == 0,
+                                   None if echoes is None else echoes[p_idx]))
         return out
 
     async def _run(self, choice: _Choice, queue: asyncio.Queue) -> None:
+        echo_pending = choice.echo is not None
+        if echo_pending and choice.req.params.prompt_logprobs is None:  # the prompt alone: send it now
+            await queue.put((choice.index, choice.echo_delta(None)))
+            echo_pending = False
         try:
             async with contextlib.aclosing(self.engine.generate(choice.req)) as events:
                 async for event in events:
                     if isinstance(event, RequestFacts):  # once, before the first token
                         choice.num_cached_tokens = event.num_cached_tokens
+                        if echo_pending:  # the prompt with its logprobs, computed in its prefill
+                            await queue.put((choice.index, choice.echo_delta(event)))
+                            echo_pending = False
                         continue
                     choice.engine_done = event.finish_reason is not None
                     delta = choice.proc.process(event)
@@ -183,7 +209,7 @@ class OpenAIServer:
 
         await _until_disconnect(request, collect())
         completion = sum(c.proc.num_tokens for c in choices)
-        final = {c.index: (c.proc.text, c.proc.finish_reason, results[c.index]) for c in choices}
+        final = {c.index: (c.text, c.proc.finish_reason, results[c.index]) for c in choices}
         return JSONResponse(builder.final(final, prompt_tokens, completion, _cached_tokens(choices)))
 
     async def _stream(self, builder: ChunkBuilder, choices: list[_Choice], prompt_tokens: int,
@@ -212,19 +238,26 @@ class OpenAIServer:
         return req, info
 
     async def _serve(self, request: Request, req: P._Common, info: ModelInfo, chat: bool,
-                     prompts: list[tuple[int, ...]], max_tokens: int | None, logprobs: int | None) -> Any:
+                     prompts: list[tuple[int, ...]], max_tokens: int | None, logprobs: int | None,
+                     prompt_logprobs: int | None = None, echoes: list[str] | None = None) -> Any:
         builder = ChunkBuilder(chat, info.name, _formatter(info, req, logprobs))
         request_id = getattr(request.state, "request_id", None) or builder.id
         request.state.request_id = request_id  # echoed by RequestIdMiddleware
-        choices = self._choices(request_id, prompts, max_tokens, req, logprobs, "messages" if chat else "prompt")
+        choices = self._choices(request_id, prompts, max_tokens, req, logprobs, "messages" if chat else "prompt",
+                                prompt_logprobs, echoes)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._respond(request, builder, choices, sum(map(len, prompts)), req.stream, include_usage)
 
     async def completions(self, request: Request) -> Any:
         req, info = await self._begin(request, P.CompletionRequest)
-        logprobs = P.completion_logprobs(req)
-        prompts = [self._tokenize(info, p, "prompt") for p in P.prompt_list(req)]
-        return await self._serve(request, req, info, False, prompts, req.max_tokens, logprobs)
+        logprobs, prompt_logprobs = P.completion_logprobs(req, info.prompt_logprobs)
+        raw = P.prompt_list(req)
+        prompts = [self._tokenize(info, p, "prompt") for p in raw]
+        echoes = None  # the prompt as the client sent it (token ids: decoded), before the completion
+        if req.echo:
+            echoes = [p if isinstance(p, str) else info.tokenizer.decode(list(p)) for p in raw]
+        return await self._serve(request, req, info, False, prompts, req.max_tokens, logprobs,
+                                 prompt_logprobs, echoes)
 
     async def chat(self, request: Request) -> Any:
         req, info = await self._begin(request, P.ChatCompletionRequest)
@@ -240,7 +273,8 @@ class OpenAIServer:
     def models(self) -> dict[str, Any]:
         info = self.info()
         return {"object": "list", "data": [{"id": info.name, "object": "model", "created": now(),
-                                            "owned_by": "stepserve", "max_model_len": info.max_model_len}]}
+                                            "owned_by": "stepserve", "max_model_len": info.max_model_len,
+                                            **dict(info.runtime)}]}
 
 
 def _formatter(info: ModelInfo, req: P._Common, logprobs: int | None) -> LogprobFormatter | None:

@@ -192,7 +192,8 @@ def _attend_part(q: torch.Tensor, cache: KVCache, layer: int, part: AttentionPar
         q = padded.index_copy_(0, part.query_index, q)
     # Fold each KV head's query group into the query axis: no repeat_kv copy of K/V.
     qf = q.view(b, num_q, hkv, group, dim).permute(0, 2, 3, 1, 4).reshape(b, hkv, group * num_q, dim)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
+    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D] (no-op unless the
+    # cache is stored in another dtype than the activations: --kv-cache-dtype)
     out = _sdpa(qf, k, v, part.mask, scale, softcap)  # [B, Hkv, G * Q, D]
     out = out.view(b, hkv, group, num_q, dim).permute(0, 3, 1, 2, 4).reshape(b * num_q, hkv * group, dim)
     return out if part.query_index is None else out[part.query_index]  # [tokens, H, D]

@@ -31,10 +31,20 @@ class GenerationRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PromptLogprob:
+    """The log-probability of one prompt token given the tokens before it, and the top k there."""
+
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RequestFacts:
     """What the engine learned about a request before its first token; yielded once, first."""
 
-    num_cached_tokens: int  # prompt tokens taken from a prefix cache (step 07), not computed
+    num_cached_tokens: int | None = None  # prompt tokens taken from a prefix cache (step 07); None: no cache
+    # With ``params.prompt_logprobs``: one entry per prompt token, the first None (nothing precedes it).
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +65,9 @@ class ModelInfo:
     tokenizer: object  # transformers.PreTrainedTokenizerBase
     max_model_len: int
     vocab_size: int
+    prompt_logprobs: bool = False  # the engine computes prompt logprobs (``echo`` with ``logprobs``)
+    runtime: tuple[tuple[str, str], ...] = ()  # how the model runs (dtype, quantization, kernels), for
+    # /health and /v1/models
 
 
 class Engine(Protocol):

@@ -67,8 +67,9 @@ class BlockStorage:
         return t.view(-1, *t.shape[2:])  # [blocks * block_size, num_kv_heads, head_dim]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self._flat(self.k[layer]).index_copy_(0, slot_mapping, k)
-        self._flat(self.v[layer]).index_copy_(0, slot_mapping, v)
+        dtype = self.k[layer].dtype  # the cache may be stored in another dtype than the activations
+        self._flat(self.k[layer]).index_copy_(0, slot_mapping, k.to(dtype))
+        self._flat(self.v[layer]).index_copy_(0, slot_mapping, v.to(dtype))
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # index_select on the flattened slots, not advanced indexing with the [B, L] tensor: the

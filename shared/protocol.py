@@ -110,7 +110,8 @@ def check_common(req: _Common) -> None:
         raise RequestError(f"n must be in [1, {MAX_N}], got {req.n}", param="n")
 
 
-def sampling_params(req: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """Build (and so validate) the sampling parameters of one request."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return SamplingParams(
@@ -122,13 +123,17 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: int | None) -> Samp
         seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-        logprobs=logprobs)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def completion_logprobs(req: CompletionRequest) -> int | None:
-    if req.echo:
-        raise RequestError("echo is not supported", param="echo")
-    return req.logprobs
+def completion_logprobs(req: CompletionRequest, prompt_logprobs: bool) -> tuple[int | None, int | None]:
+    """``(logprobs, prompt_logprobs)`` of a completion request. ``echo`` returns the prompt before
+    the completion, and with ``logprobs`` the prompt tokens' log-probabilities (vLLM's meaning):
+    only engines that compute them (``prompt_logprobs``: step 04 on) take it."""
+    if req.echo and not prompt_logprobs:
+        raise RequestError("echo is not supported by this server: prompt log-probabilities need an engine "
+                           "that runs its own model (step 04 on)", param="echo")
+    return req.logprobs, (req.logprobs if req.echo and req.logprobs is not None else None)
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:

@@ -49,14 +49,17 @@ class LogprobFormatter:
     def completion(self, deltas: list[TextDelta], text_offset: int) -> dict[str, Any]:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for d in deltas:
+            within = 0  # a delta of several tokens (an echoed prompt): each token's own offset
             for tid, lp, top in zip(d.token_ids, d.logprobs, d.top_logprobs):
-                out["tokens"].append(self.token(tid))
+                token = self.token(tid)
+                out["tokens"].append(token)
                 out["token_logprobs"].append(lp)
                 tops: dict[str, float] = {}
                 for t, v in top or ():  # most likely first; where two tokens read the same, keep it
                     tops.setdefault(self.token(t), v)
-                out["top_logprobs"].append(tops)
-                out["text_offset"].append(text_offset)
+                out["top_logprobs"].append(None if top is None else tops)  # None: a prompt's first token
+                out["text_offset"].append(text_offset + min(within, len(d.text)))
+                within += len(token)
             text_offset += len(d.text)
         return out
 

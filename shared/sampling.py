@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: the chosen token's plus the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's plus the top k (vLLM's)
 
     def __post_init__(self) -> None:
         def bad(field: str, rule: str, value: object) -> RequestError:
@@ -52,8 +53,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "in [-2, 2]", getattr(self, name))
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            if (k := getattr(self, name)) is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise bad(name, f"in [0, {MAX_LOGPROBS}]", k)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", "in [0, max_tokens]", self.min_tokens)
         if any(not s for s in self.stop):

@@ -85,7 +85,8 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         # Ready (/health 200) only now, and with the context the cache really serves.
-        self._info = dataclasses.replace(model_info(lm), max_model_len=self.core.runner.max_len)
+        self._info = dataclasses.replace(model_info(lm), max_model_len=self.core.runner.max_len,
+                                         prompt_logprobs=True, runtime=tuple(self.core.runner.details.items()))
 
     def info(self) -> ModelInfo | None:
         return self._info

@@ -28,6 +28,7 @@ from typing import Any, Protocol, Sequence as Seq
 from shared.engine import GenerationRequest, RequestFacts, TokenEvent
 from shared.sampling import sample
 from step04_kvcache.model_runner import ModelRunner
+from step04_kvcache.prompt_logprobs import prompt_spans, record
 from step04_kvcache.observer import EngineObserver, RequestStats, StepStats
 from step04_kvcache.scheduler import Scheduler, SchedulerOutput
 from step04_kvcache.sequence import Sequence
@@ -104,7 +105,10 @@ class EngineCore:
         try:
             inputs = self.runner.prepare(out)
             t2 = time.perf_counter()
-            logits = self.runner.forward(inputs)  # [len(rows), vocab]
+            logits = self.runner.forward(inputs)  # [len(rows) + prompt-logprob rows, vocab]
+            if spans := prompt_spans(out):  # the rows after the sampling rows
+                record(spans, logits[len(rows):])
+                logits = logits[:len(rows)]
             t3 = time.perf_counter()
             sampled = sample(logits, [s.params for s in rows], [s.output_token_ids for s in rows],
                              [s.generator for s in rows], self.scheduler.eos_token_ids) if rows else None
@@ -152,7 +156,10 @@ class EngineCore:
             entry = self._entries[seq]
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                if (facts := self.scheduler.request_facts(seq)) is not None:
+                facts = self.scheduler.request_facts(seq)
+                if seq.prompt_logprobs is not None:
+                    facts = dataclasses.replace(facts or RequestFacts(), prompt_logprobs=tuple(seq.prompt_logprobs))
+                if facts is not None:
                     self._outputs.append((entry, facts))
             event = TokenEvent(seq.output_token_ids[-1], s.logprobs[k], s.top_logprobs[k], seq.finish_reason)
             self._outputs.append((entry, event))

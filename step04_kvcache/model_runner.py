@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Generic, TypeVar
+from typing import Generic, Mapping, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ from shared.cpu_linear import onednn_usable, use_onednn_linears
 from shared.kv_cache import ContiguousKVCache, KVCache
 from shared.model import ModelArgs, Transformer
 from shared.models import LoadedModel
+from step04_kvcache.prompt_logprobs import prompt_spans, span_rows
 from step04_kvcache.scheduler import SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("step04_kvcache")
@@ -83,13 +84,23 @@ def build_model(lm: LoadedModel, cfg: RunnerConfig) -> Transformer:
     return model
 
 
+def model_details(lm: LoadedModel, cfg: RunnerConfig) -> dict[str, str]:
+    """What :func:`build_model` runs, in words: served on /health and /v1/models."""
+    return {"dtype": str(lm.dtype).removeprefix("torch."),
+            "linear_backend": resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype)}
+
+
 class ModelRunner(Generic[C]):
     """One forward per step over any cache layout (``shared.kv_cache.KVCache``): it packs the
     scheduled tokens, their positions and their sequences' block tables into one batch."""
 
-    def __init__(self, model: Transformer, cache: C, device: torch.device, max_len: int) -> None:
+    def __init__(self, model: Transformer, cache: C, device: torch.device, max_len: int,
+                 details: Mapping[str, str] | None = None) -> None:
         self.model, self.cache, self.device = model, cache, device
         self.max_len = max_len  # most tokens a sequence may hold: the context the engine serves
+        dtype = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+        # How the model runs, for /health and /v1/models (a later step's transforms add theirs).
+        self.details: dict[str, str] = {"kv_cache_dtype": dtype(cache.k[0]), **(details or {})}
 
     def prepare(self, out: SchedulerOutput) -> BatchInputs:
         """Pack the step's new tokens (decodes first) and keep logits only for the sampling rows."""
@@ -100,13 +111,15 @@ class ModelRunner(Generic[C]):
         b = build_batch(tokens, context, tables, self.cache.block_size, self.device)
         n = len(out.decodes)
         sampling = [*range(n), *(n + i for i, c in enumerate(out.prefills) if c.samples)]
-        if len(sampling) == len(tables):  # the common case: every row samples; build_batch's indices fit
+        extra = span_rows(prompt_spans(out))  # rows whose logits give prompt logprobs, after the sampling rows
+        if len(sampling) == len(tables) and not extra:  # the common case: build_batch's indices fit
             return b
         index = torch.tensor(sampling, dtype=torch.long, device=self.device)
-        return dataclasses.replace(b, logits_indices=b.logits_indices[index])
+        rows = torch.cat([b.logits_indices[index], torch.tensor(extra, dtype=torch.long, device=self.device)])
+        return dataclasses.replace(b, logits_indices=rows)
 
     def forward(self, inputs: BatchInputs) -> torch.Tensor:
-        """Logits ``[rows that sample, vocab]``; writes the new tokens' K/V into the cache."""
+        """Logits ``[rows that sample + prompt-logprob rows, vocab]``; writes the new tokens' K/V."""
         return self.model(inputs.input_ids, inputs.positions, self.cache, inputs.attn_metadata,
                           inputs.logits_indices)
 
@@ -121,4 +134,4 @@ def build_contiguous_runner(lm: LoadedModel, sched: SchedulerConfig, cfg: Runner
                             cfg.kv_cache_gib)
     cache = ContiguousKVCache.allocate(a.num_layers, sched.max_seqs, max_len, a.num_kv_heads, a.head_dim,
                                        lm.dtype, lm.device)
-    return ModelRunner(model, cache, lm.device, max_len)
+    return ModelRunner(model, cache, lm.device, max_len, model_details(lm, cfg))

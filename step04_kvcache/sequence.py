@@ -19,6 +19,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from shared.engine import PromptLogprob
 from shared.sampling import SamplingParams
 
 
@@ -39,6 +40,8 @@ class Sequence:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = dataclasses.field(default_factory=list)  # edited by the scheduler only
+    # per prompt token, filled during prefill when params.prompt_logprobs is set (prompt_logprobs.py)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     first_scheduled_time: float | None = None  # the step that first ran it: its queue time ends
     first_token_time: float | None = None
@@ -68,6 +71,10 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     def token_ids(self, start: int, end: int) -> Seq[int]:
         """Tokens ``start:end`` of prompt + output, without building the whole list."""

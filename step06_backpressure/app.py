@@ -57,7 +57,8 @@ class BackpressureServer(OpenAIServer):
         return min(room, cap) if cap else room
 
     def _choices(self, base_id: str, prompts: list[tuple[int, ...]], max_tokens: int | None,
-                 req: P._Common, logprobs: int | None, prompt_param: str) -> list[Any]:
+                 req: P._Common, logprobs: int | None, prompt_param: str, prompt_logprobs: int | None = None,
+                 echoes: list[str] | None = None) -> list[Any]:
         lim = self.limits
         for ids in prompts:
             if lim.max_prompt_tokens and len(ids) > lim.max_prompt_tokens:
@@ -71,7 +72,7 @@ class BackpressureServer(OpenAIServer):
             max_tokens = lim.max_output_tokens  # the API's default (16 for completions), capped
         if req.timeout is not None and not req.timeout > 0:
             raise RequestError(f"timeout must be > 0 seconds, got {req.timeout}", param="timeout")
-        choices = super()._choices(base_id, prompts, max_tokens, req, logprobs, prompt_param)
+        choices = super()._choices(base_id, prompts, max_tokens, req, logprobs, prompt_param, prompt_logprobs, echoes)
         self.backlog.admit([c.req for c in choices])  # the 429, if any, is raised here
         return choices
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any, Mapping
 
 import torch
 
 from shared.config import flag_field
+from shared.model import Transformer
 from shared.models import LoadedModel
-from step04_kvcache.model_runner import GIB, ModelRunner, RunnerConfig, build_model, kv_bytes_per_token
+from step04_kvcache.model_runner import GIB, ModelRunner, RunnerConfig, build_model, kv_bytes_per_token, model_details
 from step07_paged_kv.paged_cache import PagedKVCache
 
 log = logging.getLogger("step07_paged_kv")
@@ -62,9 +64,15 @@ def build_paged_runner(lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCache
                        explicit_len: bool) -> ModelRunner[PagedKVCache]:
     """The model (step 04's transforms) and a pool of blocks; the context is the model's, or the
     whole pool if that is smaller."""
-    model = build_model(lm, cfg)
+    return paged_runner(build_model(lm, cfg), lm, cfg, cache_cfg, explicit_len, lm.dtype, model_details(lm, cfg))
+
+
+def paged_runner(model: Transformer, lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig,
+                 explicit_len: bool, kv_dtype: torch.dtype,
+                 details: Mapping[str, Any] | None = None) -> ModelRunner[PagedKVCache]:
+    """A runner over ``model`` (already transformed) with a pool of ``kv_dtype`` blocks."""
     a, bs = model.args, cache_cfg.block_size
-    num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, lm.dtype) * bs, lm.device)
+    num_blocks = pool_blocks(cache_cfg, cfg, kv_bytes_per_token(a, kv_dtype) * bs, lm.device)
     if num_blocks < 2:
         raise ValueError(f"num_kv_blocks: the KV pool holds {num_blocks} blocks of {bs} tokens; need >= 2")
     max_len = min(lm.max_model_len, num_blocks * bs)
@@ -73,6 +81,7 @@ def build_paged_runner(lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCache
                          f"({num_blocks} blocks of {bs}): raise --kv-cache-gib or lower --max-model-len")
     if max_len < lm.max_model_len:
         log.warning("context cut from %d to %d tokens: the whole KV pool", lm.max_model_len, max_len)
-    cache = PagedKVCache.allocate(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, lm.dtype, lm.device)
-    log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, cache.num_bytes / GIB)
-    return ModelRunner(model, cache, lm.device, max_len)
+    cache = PagedKVCache.allocate(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, kv_dtype, lm.device)
+    log.info("KV pool: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, bs, cache.num_bytes / GIB,
+             str(kv_dtype).removeprefix("torch."))
+    return ModelRunner(model, cache, lm.device, max_len, details)

@@ -114,7 +114,9 @@ class PagedScheduler(Scheduler):
         """Admit the head of ``waiting`` if its first chunk fits above the watermark."""
         bm = self.block_manager
         target = seq.prefill_target
-        hit = bm.find_cached_prefix(seq, target - 1)  # at least one token left to compute
+        # At least one token left to compute; none reused where prompt logprobs need every position.
+        wants_all = seq.prompt_logprobs is not None and not seq.output_token_ids
+        hit = bm.find_cached_prefix(seq, 0 if wants_all else target - 1)
         fit = (bm.num_free_blocks - hit.num_evictable - self.watermark_blocks) * bm.block_size
         n = min(target - hit.num_tokens, budget, fit)
         if n < 1 or not bm.can_allocate(hit, hit.num_tokens + n, reserve=self.watermark_blocks):

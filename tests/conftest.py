@@ -20,7 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
-         "step05_observability", "step06_backpressure", "step07_paged_kv")  # built so far, in order
+         "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant")  # built so far, in order
+# Flags under which a step's greedy output must equal transformers' token for token (guide §3):
+# quantization changes outputs by design, so step 08 is held to it with --quantization none, and
+# its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
+EXACT_FLAGS: dict[str, tuple[str, ...]] = {"step08_quant": ("--quantization", "none")}
 
 
 def free_port() -> int:

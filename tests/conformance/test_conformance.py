@@ -12,12 +12,15 @@ from engines_compare.conformance import CHECKS, connect
 from engines_compare.conformance.runner import run_check
 from tests.conftest import STEPS
 
-TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else list(STEPS)
+# Every step with its default flags, and step 08 with each scheme (auto is one of them on this CPU).
+SCHEMES = [f"step08_quant --quantization {s}" for s in ("bf16", "int8", "int4")]
+TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else [*STEPS, *SCHEMES]
 
 
 @pytest.fixture(scope="module", params=TARGETS)
 def ctx(request: pytest.FixtureRequest, servers):
-    url = request.param if request.param.startswith("http") else servers(request.param, "tiny-llama").url
+    step, *flags = request.param.split()
+    url = request.param if request.param.startswith("http") else servers(step, "tiny-llama", *flags).url
     c = connect(url)
     yield c
     c.http.close()
