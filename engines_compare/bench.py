@@ -112,7 +112,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--step-flags", default="", help="extra flags for started step targets, one string "
                     "(e.g. '--max-seqs 64 --linear-backend torch')")
     ap.add_argument("--target-flags", action="append", default=[], metavar="STEP=FLAGS",
-                    help="extra flags for one started step only, after --step-flags; repeatable "
+                    help="extra flags for one started step (or labelled step, step08_quant:int4) only, after --step-flags; repeatable "
                          "(e.g. 'step06_backpressure=--max-waiting-requests 0')")
     ap.add_argument("--priority", type=int, default=None, metavar="NICE",
                     help="autogroup nice (-20..19) for the load generator and every server it starts; "
@@ -180,7 +180,7 @@ def _run_target(cfg: BenchConfig, spec: targets.TargetSpec, prompt_sets: dict[st
                 eos: list[int], out: Path) -> list[dict[str, Any]]:
     own = tuple(f for name, flags in cfg.target_flags if name == spec.name for f in flags)
     opts = targets.TargetOptions(cfg.model, cfg.dtype, cfg.start_timeout_s, cfg.workload.output_len[1], out,
-                                 cfg.step_flags + own, cfg.priority)
+                                 cfg.step_flags + own, cfg.priority, engine_flags=own if spec.kind == "engine" else ())
     runs = []
     with targets.running(spec, opts) as t:
         ep = loadgen.Endpoint.parse(t.url)

@@ -28,6 +28,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 _STEP = re.compile(r"^step\d\d_\w+$")
+_LABELLED_STEP = re.compile(r"^(step\d\d_\w+):[\w.-]+$")  # step08_quant:int4: one step, started twice
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class TargetOptions:
     log_dir: Path | None = None  # where started servers' output goes (default: discarded)
     step_flags: tuple[str, ...] = ()  # appended to a step's command line (e.g. --max-seqs 64)
     priority: int | None = None  # autogroup nice of started servers (see set_priority)
+    engine_flags: tuple[str, ...] = ()  # an engine target's own launcher options (--dtype bfloat16)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,6 +63,12 @@ def available_steps() -> list[str]:
     return sorted(p.name for p in REPO.iterdir() if p.is_dir() and _STEP.match(p.name))
 
 
+def step_module(name: str) -> str:
+    """``step08_quant:int4`` -> ``step08_quant``: a label after ``:`` names one configuration of a
+    step (its flags: ``--target-flags step08_quant:int4=--quantization int4``)."""
+    return name.partition(":")[0]
+
+
 def parse_targets(values: list[str]) -> list[TargetSpec]:
     """``--target`` values, repeated or comma-separated, in order."""
     out = []
@@ -70,8 +78,8 @@ def parse_targets(values: list[str]) -> list[TargetSpec]:
                 out.append(TargetSpec(name.rstrip("/"), "url"))
             elif name == "null":
                 out.append(TargetSpec(name, "null"))
-            elif _STEP.match(name):
-                if name not in available_steps():
+            elif _STEP.match(name) or _LABELLED_STEP.match(name):
+                if step_module(name) not in available_steps():
                     raise ValueError(f"--target: no step named {name!r}; steps: {', '.join(available_steps())}")
                 out.append(TargetSpec(name, "step"))
             elif re.fullmatch(r"[A-Za-z][\w.-]*", name):
@@ -163,15 +171,23 @@ def _command(spec: TargetSpec, opts: TargetOptions, port: int) -> list[str]:
     if spec.kind == "null":
         return [sys.executable, "-m", "engines_compare.null_server", "--port", str(port),
                 "--tokens", str(opts.null_tokens)]
-    return [sys.executable, "-m", spec.name, "--model", opts.model, "--dtype", opts.dtype,
+    return [sys.executable, "-m", step_module(spec.name), "--model", opts.model, "--dtype", opts.dtype,
             "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning", *opts.step_flags]
+
+
+def engine_options(flags: tuple[str, ...]) -> dict[str, Any]:
+    """``("--dtype", "bfloat16", "--threads", "2")`` -> ``{"dtype": "bfloat16", "threads": 2}``: the
+    options ``engines_compare.launchers.start`` takes, from ``--target-flags vllm=...``."""
+    if len(flags) % 2 or not all(f.startswith("--") for f in flags[::2]):
+        raise ValueError(f"--target-flags: an engine takes '--option value' pairs, got {' '.join(flags)!r}")
+    return {k[2:].replace("-", "_"): int(v) if v.isdigit() else v for k, v in zip(flags[::2], flags[1::2])}
 
 
 def _launch_engine(spec: TargetSpec, opts: TargetOptions) -> tuple[str, Callable[[], None], Any]:
     try:
         from engines_compare import launchers
 
-        handle = launchers.start(spec.name, model=opts.model, port=free_port())
+        handle = launchers.start(spec.name, model=opts.model, port=free_port(), **engine_options(opts.engine_flags))
     except ImportError as e:
         raise RuntimeError(f"--target {spec.name}: engine launchers are unavailable ({e}); "
                            "run the engine yourself and pass its URL") from None
@@ -185,6 +201,17 @@ def _step_dtype(dtype: str) -> str:
     from shared.models import resolve_device, resolve_dtype
 
     return str(resolve_dtype(dtype, resolve_device("auto"))).removeprefix("torch.")
+
+
+def _served_scheme(url: str) -> str | None:
+    """A step-08 server's weight scheme as its ``/v1/models`` reports it (``int8, bfloat16
+    activations``), or None where it reports none."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+        entry = httpx.get(url + "/v1/models", timeout=30.0).json()["data"][0]
+        if entry.get("quantization") not in (None, "none"):
+            group = f" g{entry['quantization_group_size']}" if entry.get("quantization_group_size") else ""
+            return f"{entry['quantization']}{group}, {entry.get('dtype', '?')} activations"
+    return None
 
 
 @contextlib.contextmanager
@@ -213,6 +240,7 @@ def running(spec: TargetSpec, opts: TargetOptions) -> Iterator[RunningTarget]:
             version = spec.name
         version = getattr(handle, "version", None) or version or spec.name
         dtype = getattr(handle, "dtype", None) or (_step_dtype(opts.dtype) if spec.kind == "step" else None)
+        dtype = _served_scheme(url) or dtype
         yield RunningTarget(spec, url, model_id, str(version), dtype, started.pid if started is not None else None)
     finally:
         stop()

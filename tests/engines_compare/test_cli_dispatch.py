@@ -70,5 +70,15 @@ def test_targets_parse_urls_steps_null_and_engines() -> None:
                                                  ("null", "null"), ("vllm", "engine")]
     with pytest.raises(ValueError, match="--target"):
         parse_targets(["not a name!"])
+    labelled = parse_targets(["step01_loader:a,step01_loader:b"])  # one step, two configurations
+    assert [(s.name, s.kind) for s in labelled] == [("step01_loader:a", "step"), ("step01_loader:b", "step")]
+    from engines_compare.targets import TargetOptions, _command
+    assert _command(labelled[0], TargetOptions(), 1)[2] == "step01_loader"  # python -m <the step>
+    with pytest.raises(ValueError, match="no step named"):
+        parse_targets(["step99_nothing:a"])
+    from engines_compare.targets import engine_options
+    assert engine_options(("--dtype", "bfloat16", "--threads", "2")) == {"dtype": "bfloat16", "threads": 2}
+    with pytest.raises(ValueError, match="--target-flags"):
+        engine_options(("--dtype",))
     with pytest.raises(ValueError, match="--target"):
         parse_targets([","])

@@ -31,13 +31,16 @@ def logits(model: Transformer, ids: list[int], dtype: torch.dtype) -> torch.Tens
         return model(b.input_ids, b.positions, cache, b.attn_metadata, None).float()
 
 
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gemma3"])
 @pytest.mark.parametrize("scheme,linear", [("int8", Int8Linear), ("int4", Int4Linear)])
-def test_every_linear_is_replaced_and_the_tied_embedding_is_quantized(scheme: str, linear: type) -> None:
-    model = quantize(fresh(), scheme, 32)
+def test_every_linear_is_replaced_and_the_embedding_is_quantized(scheme: str, linear: type, model_name: str) -> None:
+    model = quantize(fresh(model_name), scheme, 32)
     assert not [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    assert isinstance(model.lm_head, linear) and isinstance(model.embed_tokens, QuantEmbedding)
-    if scheme == "int8":
-        assert model.embed_tokens.source is model.lm_head  # the head's int8 rows: no second copy
+    assert all(isinstance(m, linear) for layer in model.layers for m in layer.modules()
+               if isinstance(m, (Int8Linear, Int4Linear)))
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.embed_tokens, QuantEmbedding)  # the head: int8
+    tied = model.args.tie_word_embeddings
+    assert (model.embed_tokens.source is model.lm_head) == tied  # tied: the head's int8 rows, no second copy
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # what is left: the norms
 
 
