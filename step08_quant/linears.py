@@ -165,3 +165,4 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.source.embed(ids)  # [T, hidden] bf16
+
