@@ -122,8 +122,9 @@ class Int4Linear(nn.Module):
         q, scales, zeros = quantize_int4(F.pad(w, (0, 0, 0, self.padded_out - self.out_features)), group_size)
         self.padded_in = q.shape[1]
         self.cuda = weight.device.type == "cuda"
-        if self.cuda:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)  # int32 tiles, inner_k_tiles 8
+        if self.cuda:  # the CUDA packing takes two nibbles per byte, uint8 [N, Kp / 2] (torchao's convention)
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)  # int32 tiles, inner_k_tiles 8
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)  # uint8 [N, Kp / 2]
         # [G, N, 2]: (scale, zero) per group and output channel, the kernels' layout

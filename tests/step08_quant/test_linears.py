@@ -99,3 +99,13 @@ def test_a_linear_without_bias_stays_without_bias() -> None:
     lin = nn.Linear(64, 32, bias=False)
     for q in (Int8Linear(lin.weight, None), Int4Linear(lin.weight, None, 32), Bf16Linear(lin.weight, None)):
         assert q.bias is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", ["int8", "int4"])
+def test_the_cuda_kernels_match_the_cpu_ones(cls: str) -> None:
+    w, b, x = weights(256, 1024)
+    make = (lambda w, b: Int8Linear(w, b)) if cls == "int8" else (lambda w, b: Int4Linear(w, b, 128))
+    cpu = make(w, b)(x.bfloat16()).float()
+    gpu = make(w.cuda(), b.cuda())(x.bfloat16().cuda()).float().cpu()
+    close(gpu, cpu)
