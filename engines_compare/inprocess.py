@@ -2,7 +2,8 @@
 
     python -m engines_compare inprocess --model gemma-3-270m --concurrency 1,16 --input-len 128 --output-len 128
 
-Assembles step 04's engine (``EngineCore`` with the contiguous scheduler and runner) and drives it
+Assembles step 04's engine (``EngineCore`` with the contiguous scheduler and runner; with
+``--quantization S``, step 08's: paged, the model quantized by scheme ``S``) and drives it
 directly (no HTTP): ``concurrency`` greedy requests with ``ignore_eos`` are sent at once and their
 token streams read on the event loop, as the API would. An observer records every step's
 :class:`StepStats`; the report gives output tokens/s over the whole run, and for the *full decode
@@ -138,6 +139,22 @@ def _observer_report(timed: list[TimedObserver]) -> None:
           f"{100 * (step_cb + req_cb) / step_s:.3f}% of the engine thread's step time")
 
 
+def _step08_core(lm: LoadedModel, sched: SchedulerConfig, scheme: str, observers: list) -> EngineCore:
+    """Step 08's engine core (paged, ``scheme``'s model) with its default KV pool."""
+    from step07_paged_kv.block_manager import BlockManager
+    from step07_paged_kv.model_runner import PagedCacheConfig
+    from step07_paged_kv.scheduler import PagedScheduler
+    from step08_quant import DEFAULT_KV_CACHE_GIB
+    from step08_quant.model_runner import build_quant_runner
+    from step08_quant.quantize import QuantConfig
+
+    cache_cfg = PagedCacheConfig()
+    runner = build_quant_runner(lm, RunnerConfig(kv_cache_gib=DEFAULT_KV_CACHE_GIB), cache_cfg,
+                                QuantConfig(quantization=scheme), explicit_len=False)
+    blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
+    return EngineCore(PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner, observers=observers)
+
+
 async def measure(args: argparse.Namespace) -> None:
     rec = Recorder()
     timed = [TimedObserver(EngineMetrics(new_registry())), TimedObserver(RequestLog(json_logger()))]
@@ -147,8 +164,10 @@ async def measure(args: argparse.Namespace) -> None:
 
     def build_core(lm: LoadedModel) -> EngineCore:  # step 04's assembly, observed
         loaded.append(lm)
-        runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=False)
         observers = [rec, *timed] if args.observe else [rec]
+        if args.quantization:
+            return _step08_core(lm, sched, args.quantization, observers)
+        runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=False)
         return EngineCore(ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner, observers=observers)
 
     eng = AsyncEngine(ModelConfig(model=args.model, threads=args.threads), build_core)
@@ -229,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--linear-backend", default="auto", choices=("auto", "torch", "onednn"))
+    ap.add_argument("--quantization", default="", help="assemble step 08's engine with this scheme instead "
+                    "(none, bf16, int8, int4)")
     ap.add_argument("--observe", action="store_true", help="add step 05's observers and report their cost")
     ap.add_argument("--baseline", action="store_true", help="also time step 02's path and print ratios to it")
     ap.add_argument("--handoff", action="store_true", help="compare a dedicated thread with to_thread per step")
