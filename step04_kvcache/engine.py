@@ -87,13 +87,12 @@ class AsyncEngine:
         int4, batch 1): loading in an executor thread and stepping in the engine thread made a
         step 45 -> 69 ms, SDPA 0.02 -> 0.22 ms a call."""
         self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[LoadedModel] = self._loop.create_future()
+        ready: asyncio.Future[ModelInfo] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="engine", daemon=True)
         self._thread.start()
-        lm = await ready  # what loading raised, if it failed
-        # Ready (/health 200) only now, and with the context the cache really serves.
-        self._info = dataclasses.replace(model_info(lm), max_model_len=self.core.runner.max_len,
-                                         prompt_logprobs=True, runtime=tuple(self.core.runner.details.items()))
+        # Ready (/health 200) only now, and with the context the cache really serves; what
+        # loading raised, if it failed.
+        self._info = await ready
 
     def info(self) -> ModelInfo | None:
         return self._info
@@ -175,16 +174,23 @@ class AsyncEngine:
     # ---- the engine thread ------------------------------------------------------------------
 
     def _load(self, ready: asyncio.Future) -> EngineCore | None:
-        """Prepare, load and build on this thread; settle ``ready`` on the event loop either way."""
+        """Prepare, load and build on this thread; settle ``ready`` on the event loop either way.
+
+        ``ready`` gets the ModelInfo, never the LoadedModel: the thread holds ``ready`` while it
+        runs, and the loaded transformers model must not outlive the build (a quantized model
+        drops its float weights)."""
         try:
             prepare(self.model_cfg)  # the one-time conversion, if needed
             lm = load_model(self.model_cfg)
             core = self.build_core(lm)
+            info = dataclasses.replace(model_info(lm), max_model_len=core.runner.max_len, prompt_logprobs=True,
+                                       runtime=tuple(core.runner.details.items()))
+            del lm
         except BaseException as e:
             self._loop.call_soon_threadsafe(_settle, ready, None, e)
             return None
         self.core = core
-        self._loop.call_soon_threadsafe(_settle, ready, lm, None)
+        self._loop.call_soon_threadsafe(_settle, ready, info, None)
         return core
 
     def _run(self, ready: asyncio.Future) -> None:
