@@ -20,9 +20,9 @@ Activations are bfloat16 for every scheme but ``none``: the vectorized int8 / in
 bf16 activations only. The KV cache follows (``--kv-cache-dtype auto``).
 
 ``auto`` (the default) picks by what the device offers, from the measurements in the README: on a
-CPU with avx512_bf16 or AMX, int8 (the fastest scheme that meets the quality bar here); on a CPU
-without them the bf16 kernels emulate bf16 and float32 is the safe choice (``none``); on CUDA,
-``bf16``.
+CPU with avx512_bf16 or AMX, int8 (of the schemes that meet the quality bar, the fastest at 1 and
+4 clients and the only one under 2 GB resident; bf16 is faster at 16 clients); on a CPU without
+them the bf16 kernels emulate bf16 and float32 is the safe choice (``none``); on CUDA, ``bf16``.
 """
 from __future__ import annotations
 

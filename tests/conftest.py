@@ -24,7 +24,10 @@ STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", 
 # Flags under which a step's greedy output must equal transformers' token for token (guide §3):
 # quantization changes outputs by design, so step 08 is held to it with --quantization none, and
 # its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
-EXACT_FLAGS: dict[str, tuple[str, ...]] = {"step08_quant": ("--quantization", "none")}
+# Step 08 servers in tests get a small KV pool: its default (0.75 GiB, touched at start-up) is
+# sized for the real model, and the suite keeps a dozen servers alive at once.
+SMALL_POOL = ("--kv-cache-gib", "0.0625")
+EXACT_FLAGS: dict[str, tuple[str, ...]] = {"step08_quant": ("--quantization", "none", *SMALL_POOL)}
 
 
 def free_port() -> int:
@@ -83,7 +86,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
         if server is not None:
             server.stop()
 
+    def release_all() -> None:
+        """Stop every server: before the real-model tests, whose servers need 1.7 to 7 GB each, the
+        tiny ones still alive from earlier modules (a step 07 with its default 4 GiB pool holds
+        4.6 GB) left too little memory and the OOM killer took the new server."""
+        for key in list(started):
+            started.pop(key).stop()
+
     get.release = release  # type: ignore[attr-defined]
+    get.release_all = release_all  # type: ignore[attr-defined]
     yield get
     for server in started.values():
         server.stop()

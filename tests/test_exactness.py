@@ -39,6 +39,7 @@ def test_stops_at_eos_where_transformers_does(servers, step: str) -> None:
 @pytest.mark.real_model
 @pytest.mark.parametrize("step", STEPS)
 def test_real_model_follows_the_logprob_rule(servers, step: str) -> None:
+    servers.release_all()  # room for one real-model server (see release_all)
     url = servers(step, "gemma-3-270m", *EXACT_FLAGS.get(step, ())).url
     try:
         for prompt in PROMPTS[:3]:

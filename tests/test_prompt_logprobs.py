@@ -9,15 +9,19 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import EXACT_FLAGS, SMALL_POOL
 from tests.helpers import prompt_ids, reference_model
 
 ENGINE_STEPS = ("step04_kvcache", "step07_paged_kv", "step08_quant")
-NONE = ("--quantization", "none")  # step 08's float32: exact like step 07
+NONE = EXACT_FLAGS["step08_quant"]  # step 08's float32: exact like step 07
 PROMPT = "The capital of France is Paris, and the capital of Spain is"
 
 
 def flags(step: str, *more: str) -> tuple[str, ...]:
-    return (*NONE, *more) if step == "step08_quant" else more
+    """Step 08 as float32 (exact); steps 07 and 08 with a small pool (memory: conftest's release_all)."""
+    if step == "step08_quant":
+        return (*NONE, *more)
+    return (*SMALL_POOL, *more) if step == "step07_paged_kv" else more
 
 
 def reference_prompt_logprobs(model: str, ids: list[int]) -> list[float]:
