@@ -1,4 +1,5 @@
 import argparse
+from typing import Callable
 
 from fastapi import FastAPI
 
@@ -7,7 +8,7 @@ from shared.models import LoadedModel
 from shared.server import run_step
 from step04_kvcache.engine import AsyncEngine
 from step04_kvcache.engine_core import EngineCore
-from step04_kvcache.model_runner import RunnerConfig
+from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
 from step05_observability.metrics import EngineMetrics, new_registry
 from step05_observability.request_log import ObservabilityConfig, request_log
@@ -19,12 +20,21 @@ from step07_paged_kv import __doc__
 from step07_paged_kv.block_manager import BlockManager
 from step07_paged_kv.metrics import PagedKVCollector
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
+from step07_paged_kv.paged_cache import PagedKVCache
 from step07_paged_kv.scheduler import PagedScheduler
 
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
     """Step 06's engine and app with step 07's parts swapped in: the paged runner and scheduler."""
-    model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
+    runner_cfg, cache_cfg = from_args(RunnerConfig, ns), from_args(PagedCacheConfig, ns)
+    return assemble_paged(ns, lambda lm, explicit_len: build_paged_runner(lm, runner_cfg, cache_cfg, explicit_len))
+
+
+def assemble_paged(ns: argparse.Namespace,
+                   build_runner: Callable[[LoadedModel, bool], ModelRunner[PagedKVCache]]) -> FastAPI:
+    """The assembly around any paged runner (``build_runner(lm, explicit_len)``): step 08 swaps
+    in its quantized model's runner and keeps the rest."""
+    model, sched = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns)
     cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
     registry = new_registry()
     metrics = EngineMetrics(registry)
@@ -33,7 +43,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     deadlines = Deadlines(admission.request_timeout)
 
     def build_core(lm: LoadedModel) -> EngineCore:
-        runner = build_paged_runner(lm, runner_cfg, cache_cfg, explicit_len=model.max_model_len > 0)
+        runner = build_runner(lm, model.max_model_len > 0)
         blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
         return EngineCore(scheduler=PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner=runner,
                           observers=observers, policies=[deadlines])
