@@ -29,6 +29,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 _STEP = re.compile(r"^step\d\d_\w+$")
 _LABELLED_STEP = re.compile(r"^(step\d\d_\w+):[\w.-]+$")  # step08_quant:int4: one step, started twice
+_ENGINE = re.compile(r"[A-Za-z][\w.-]*(:[\w.-]+)?")  # llamacpp, or llamacpp:ngram (labelled, like a step)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,7 +66,8 @@ def available_steps() -> list[str]:
 
 def step_module(name: str) -> str:
     """``step08_quant:int4`` -> ``step08_quant``: a label after ``:`` names one configuration of a
-    step (its flags: ``--target-flags step08_quant:int4=--quantization int4``)."""
+    step or an engine (its flags: ``--target-flags step08_quant:int4=--quantization int4``,
+    ``--target-flags "llamacpp:ngram=--extra-args '--spec-type ngram-simple'"``)."""
     return name.partition(":")[0]
 
 
@@ -82,7 +84,7 @@ def parse_targets(values: list[str]) -> list[TargetSpec]:
                 if step_module(name) not in available_steps():
                     raise ValueError(f"--target: no step named {name!r}; steps: {', '.join(available_steps())}")
                 out.append(TargetSpec(name, "step"))
-            elif re.fullmatch(r"[A-Za-z][\w.-]*", name):
+            elif _ENGINE.fullmatch(name):
                 out.append(TargetSpec(name, "engine"))
             else:
                 raise ValueError(f"--target: expected a URL, a step name, 'null' or an engine name, got {name!r}")
@@ -187,7 +189,8 @@ def _launch_engine(spec: TargetSpec, opts: TargetOptions) -> tuple[str, Callable
     try:
         from engines_compare import launchers
 
-        handle = launchers.start(spec.name, model=opts.model, port=free_port(), **engine_options(opts.engine_flags))
+        handle = launchers.start(step_module(spec.name), model=opts.model, port=free_port(),
+                                 **engine_options(opts.engine_flags))
     except ImportError as e:
         raise RuntimeError(f"--target {spec.name}: engine launchers are unavailable ({e}); "
                            "run the engine yourself and pass its URL") from None

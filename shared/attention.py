@@ -29,9 +29,11 @@ from shared.kv_cache import KVCache
 class AttentionMetadata:
     """Where the new tokens' K/V go and which cache positions each sequence reads.
 
-    ``T`` new tokens from ``N`` sequences; the first ``num_decodes`` sequences have exactly one new
-    token each (vLLM's "decodes first" order), the rest are prefills or prefill chunks. The host
-    ints let the backend size its padded tensors without reading device memory.
+    ``T`` new tokens from ``N`` sequences; the first ``num_decodes`` sequences are decodes (vLLM's
+    "decodes first" order): one new token each, or up to ``max_decode_query_len`` when a step
+    verifies speculative tokens (step 09; vLLM's ``reorder_batch_threshold``). The rest are
+    prefills or prefill chunks. The host ints let the backend size its padded tensors without
+    reading device memory.
     """
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V is written to
@@ -39,10 +41,16 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [N] int64: tokens in the cache after this step (context + new)
     context_lens: torch.Tensor  # [N] int64: tokens already in the cache before this step
     block_tables: torch.Tensor  # [N, max_blocks] int64: contiguous cache -> [[row], ...]
-    num_decodes: int  # leading sequences with one new token
+    num_decodes: int  # leading sequences with at most max_decode_query_len new tokens
     max_query_len: int  # most new tokens of any sequence
     max_decode_seq_len: int  # largest seq_len among the decodes (0 if none)
     max_prefill_seq_len: int  # largest seq_len among the prefills (0 if none)
+    num_decode_tokens: int = -1  # new tokens of the decodes (-1: num_decodes, one each)
+    max_decode_query_len: int = 1  # most new tokens of any decode
+
+    def __post_init__(self) -> None:
+        if self.num_decode_tokens < 0:
+            object.__setattr__(self, "num_decode_tokens", self.num_decodes)
 
     @property
     def num_seqs(self) -> int:
@@ -61,10 +69,11 @@ class BatchInputs:
 
 def build_batch(token_ids: Sequence[Sequence[int]], context_lens: Sequence[int],
                 block_tables: Sequence[Sequence[int]], block_size: int,
-                device: torch.device | str = "cpu") -> BatchInputs:
+                device: torch.device | str = "cpu", decode_query_len: int = 1) -> BatchInputs:
     """Pack the new tokens of N sequences (sequence ``i`` has ``context_lens[i]`` cached tokens).
 
-    Put decodes (one new token) first to get the batched decode path; any order is correct.
+    Put decodes (at most ``decode_query_len`` new tokens: one, or one plus the speculative tokens
+    to verify) first to get the batched decode path; any order is correct.
     """
     if not len(token_ids) == len(context_lens) == len(block_tables) > 0:
         raise ValueError("token_ids, context_lens, block_tables: need the same non-zero length")
@@ -84,14 +93,15 @@ def build_batch(token_ids: Sequence[Sequence[int]], context_lens: Sequence[int],
     seq_idx = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
     positions = ctx[seq_idx] + torch.arange(int(qsl[-1])) - qsl[seq_idx]  # [T]
     blocks = tables[seq_idx, positions // block_size]
-    num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+    num_decodes = next((i for i, n in enumerate(query_lens) if n > decode_query_len), len(query_lens))
     sl = seq_lens.tolist()
     md = AttentionMetadata(
         slot_mapping=(blocks * block_size + positions % block_size).to(device),
         query_start_loc=qsl.to(device), seq_lens=seq_lens.to(device), context_lens=ctx.to(device),
         block_tables=tables.to(device), num_decodes=num_decodes, max_query_len=max(query_lens),
         max_decode_seq_len=max(sl[:num_decodes], default=0),
-        max_prefill_seq_len=max(sl[num_decodes:], default=0))
+        max_prefill_seq_len=max(sl[num_decodes:], default=0), num_decode_tokens=sum(query_lens[:num_decodes]),
+        max_decode_query_len=max(query_lens[:num_decodes], default=1))
     ids = torch.tensor([t for seq in token_ids for t in seq], device=device)
     return BatchInputs(input_ids=ids, positions=positions.to(device), attn_metadata=md,
                        logits_indices=(qsl[1:] - 1).to(device))
@@ -136,13 +146,13 @@ class TorchAttentionBackend:
     def plan(self, md: AttentionMetadata, cache: KVCache, num_tokens: int, sliding_window: int | None,
              num_queries_per_kv: int) -> AttentionPlan:
         """Build the masks and gather indices once per forward, shared by all layers of a kind."""
-        n, d = md.num_seqs, md.num_decodes
+        n, d, dt = md.num_seqs, md.num_decodes, md.num_decode_tokens
         parts = []
         if d > 0:
-            parts.append(_plan_part(md, cache, 0, d, 0, d, 1, md.max_decode_seq_len,
+            parts.append(_plan_part(md, cache, 0, d, 0, dt, md.max_decode_query_len, md.max_decode_seq_len,
                                     sliding_window, num_queries_per_kv))
         if n > d:
-            parts.append(_plan_part(md, cache, d, n, d, num_tokens, md.max_query_len,
+            parts.append(_plan_part(md, cache, d, n, dt, num_tokens, md.max_query_len,
                                     md.max_prefill_seq_len, sliding_window, num_queries_per_kv))
         return AttentionPlan(slot_mapping=md.slot_mapping, parts=tuple(parts))
 

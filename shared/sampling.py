@@ -97,7 +97,7 @@ def finish_reason(token_id: int, num_output: int, params: SamplingParams,
     return None
 
 
-def _apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int]) -> None:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int]) -> None:
     if not output_ids or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
         return
     counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
@@ -105,7 +105,7 @@ def _apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: S
     logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on one row [V]; returns probabilities."""
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -122,6 +122,12 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from ``probs [V]``: ``argmax(probs / q)``, ``q ~ Exponential(1)`` from ``generator``."""
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / q).argmax())
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]],
            generators: Sequence[torch.Generator | None], eos_token_ids: Sequence[int],
            shared_generator: torch.Generator | None = None) -> SampleOutput:
@@ -129,7 +135,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: S
     logits = logits.float()
     want_lp = [p.logprobs is not None for p in params]
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy and _plain(p, output_ids[i])]
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy and is_plain(p, output_ids[i])]
     tokens = [0] * len(params)
     if greedy_rows:  # the common benchmark case: one argmax over the batch
         rows = logits if len(greedy_rows) == len(params) else logits[greedy_rows]  # all greedy: no copy
@@ -140,15 +146,13 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: S
         if i in greedy_rows:
             continue
         row = logits[i].clone()
-        _apply_penalties(row, p, output_ids[i])
+        apply_penalties(row, p, output_ids[i])
         if len(output_ids[i]) < p.min_tokens:
             row[list(eos_token_ids)] = float("-inf")
         if p.greedy:
             tokens[i] = int(row.argmax())
             continue
-        probs = _filter(row, p)
-        q = torch.empty_like(probs).exponential_(generator=generators[i] or shared_generator)
-        tokens[i] = int((probs / q).argmax())
+        tokens[i] = draw(filtered_probs(row, p), generators[i] or shared_generator)
     lps: list[float | None] = [None] * len(params)
     tops: list[tuple[tuple[int, float], ...] | None] = [None] * len(params)
     if raw_lp is not None:
@@ -164,7 +168,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], output_ids: S
     return SampleOutput(token_ids=tokens, logprobs=lps, top_logprobs=tops)
 
 
-def _plain(p: SamplingParams, output_ids: Sequence[int]) -> bool:
+def is_plain(p: SamplingParams, output_ids: Sequence[int]) -> bool:
     """Greedy with nothing that changes the logits first."""
     return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
             and len(output_ids) >= p.min_tokens)

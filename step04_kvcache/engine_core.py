@@ -2,9 +2,10 @@
 
 Central rule: ``EngineCore`` owns no policy of its own. Each ``step()`` it lets the step policies
 fail or shorten requests, drops cancelled sequences (their KV room is free for this very step),
-asks the **scheduler** who runs, the **model runner** for one forward over them, samples every
-row that produces a token with ONE call of the shared batched sampler, lets the scheduler record
-the tokens, and reports the step and every finished request to the **observers**. What each part
+asks the **scheduler** who runs, the **model runner** for one forward over them, the **sampler**
+for every row's tokens (here :class:`RowSampler`: ONE call of the shared batched sampler, one
+token per row; step 09's verifies speculative tokens), lets the scheduler record the tokens, and
+reports the step and every finished request to the **observers**. What each part
 does is its own business (how KV memory is handed out, what is measured, which requests are cut
 short): every step from 04 on is this loop with other parts, assembled in its ``__main__``.
 
@@ -24,6 +25,8 @@ import logging
 import threading
 import time
 from typing import Any, Protocol, Sequence as Seq
+
+import torch
 
 from shared.engine import GenerationRequest, RequestFacts, TokenEvent
 from shared.sampling import sample
@@ -65,10 +68,29 @@ class StepPolicy(Protocol):
         """A frozen dataclass of its counters."""
 
 
+class Sampler(Protocol):
+    def sample(self, out: SchedulerOutput, rows: list[Sequence], logits: torch.Tensor) -> list[list[TokenEvent]]:
+        """The tokens each sampling row produced, in order (``finish_reason`` unset), from the
+        logits the runner returned for them."""
+
+
+class RowSampler:
+    """One token per sampling row: :func:`shared.sampling.sample` over the whole batch at once."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    def sample(self, out: SchedulerOutput, rows: list[Sequence], logits: torch.Tensor) -> list[list[TokenEvent]]:
+        s = sample(logits, [r.params for r in rows], [r.output_token_ids for r in rows],
+                   [r.generator for r in rows], self.eos_token_ids)
+        return [[TokenEvent(t, lp, top)] for t, lp, top in zip(s.token_ids, s.logprobs, s.top_logprobs)]
+
+
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, observers: Seq[EngineObserver] = (),
-                 policies: Seq[StepPolicy] = ()) -> None:
+                 policies: Seq[StepPolicy] = (), sampler: Sampler | None = None) -> None:
         self.scheduler, self.runner = scheduler, runner
+        self.sampler = sampler or RowSampler(scheduler.eos_token_ids)
         self.observers, self.policies = tuple(observers), tuple(policies)
         self.num_generated_tokens = 0  # tokens sampled, including those nobody read
         self._entries: dict[Sequence, Entry] = {}  # every sequence waiting or running
@@ -105,22 +127,22 @@ class EngineCore:
         try:
             inputs = self.runner.prepare(out)
             t2 = time.perf_counter()
-            logits = self.runner.forward(inputs)  # [len(rows) + prompt-logprob rows, vocab]
+            logits = self.runner.forward(inputs)  # [sampling rows' logits + prompt-logprob rows, vocab]
             if spans := prompt_spans(out):  # the rows after the sampling rows
-                record(spans, logits[len(rows):])
-                logits = logits[:len(rows)]
+                n = logits.shape[0] - sum(s.count for s in spans)
+                record(spans, logits[n:])
+                logits = logits[:n]
             t3 = time.perf_counter()
-            sampled = sample(logits, [s.params for s in rows], [s.output_token_ids for s in rows],
-                             [s.generator for s in rows], self.scheduler.eos_token_ids) if rows else None
+            sampled = self.sampler.sample(out, rows, logits) if rows else []
         except Exception as e:  # the step's requests fail; the engine goes on
             log.exception("step failed")
             for seq in scheduled:
                 self._fail(seq, e)
             return self._take()
         t4 = time.perf_counter()
-        self._emit(out, rows, sampled)
+        produced = self._emit(out, rows, sampled)
         if self.observers:
-            stats = self._step_stats(out, len(rows), (t0, t1, t2, t3, t4))
+            stats = self._step_stats(out, produced, (t0, t1, t2, t3, t4))
             for o in self.observers:
                 o.on_step(stats)
         return self._take()
@@ -149,10 +171,13 @@ class EngineCore:
             for seq, error in policy.before_step(live, now):
                 self._fail(seq, error, now)
 
-    def _emit(self, out: SchedulerOutput, rows: list[Sequence], s: Any) -> None:
-        finished = self.scheduler.update(out, s.token_ids if rows else [])
-        now = time.monotonic()
-        for k, seq in enumerate(rows):
+    def _emit(self, out: SchedulerOutput, rows: list[Sequence], sampled: list[list[TokenEvent]]) -> int:
+        """Record the step; deliver each row's kept tokens (a stop may cut a row's run short).
+        Returns how many tokens were delivered."""
+        before = [seq.num_output_tokens for seq in rows]
+        finished = self.scheduler.update(out, [[e.token_id for e in events] for events in sampled])
+        now, produced = time.monotonic(), 0
+        for seq, n0, events in zip(rows, before, sampled, strict=True):
             entry = self._entries[seq]
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -161,11 +186,16 @@ class EngineCore:
                     facts = dataclasses.replace(facts or RequestFacts(), prompt_logprobs=tuple(seq.prompt_logprobs))
                 if facts is not None:
                     self._outputs.append((entry, facts))
-            event = TokenEvent(seq.output_token_ids[-1], s.logprobs[k], s.top_logprobs[k], seq.finish_reason)
-            self._outputs.append((entry, event))
-        self.num_generated_tokens += len(rows)
+            kept = seq.num_output_tokens - n0
+            for j, event in enumerate(events[:kept]):
+                last = j == kept - 1 and seq.finish_reason is not None
+                self._outputs.append((entry, dataclasses.replace(event, finish_reason=seq.finish_reason)
+                                      if last else event))
+            produced += kept
+        self.num_generated_tokens += produced
         for seq in finished:
             self._retire(seq, now)
+        return produced
 
     def _fail(self, seq: Sequence, error: Exception, now: float | None = None) -> None:
         self.scheduler.finish(seq, "error")  # out of waiting or running; its KV room is freed now

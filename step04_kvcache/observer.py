@@ -18,7 +18,8 @@ class StepStats:
     num_decode_seqs: int
     num_prefill_seqs: int
     num_prefill_tokens: int
-    num_sampled: int  # rows that produced a token (decodes and prefills that ended their prompt)
+    num_sampled: int  # tokens produced: one per row that samples (decodes, prefills that ended their
+    # prompt); step 09's verification may produce several per row
     num_running: int  # after the step
     num_waiting: int
     kv_slots_used: int  # KV positions reserved by running sequences (the scheduler's accounting)

@@ -36,9 +36,11 @@ class PromptSpan:
     row: int
 
 
-def prompt_spans(out: SchedulerOutput) -> list[PromptSpan]:
-    """The spans of this step's prefill chunks whose sequences ask for prompt logprobs."""
-    spans, row = [], len(out.decodes)  # packed rows: decodes first, then the chunks in order
+def prompt_spans(out: SchedulerOutput, num_decode_tokens: int | None = None) -> list[PromptSpan]:
+    """The spans of this step's prefill chunks whose sequences ask for prompt logprobs.
+    ``num_decode_tokens``: the decodes' packed rows (one each unless they verify drafts)."""
+    spans = []
+    row = len(out.decodes) if num_decode_tokens is None else num_decode_tokens  # decodes first, then the chunks
     for c in out.prefills:
         seq = c.seq
         if seq.prompt_logprobs is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Sequence as Seq
 
 import torch
 
@@ -146,21 +147,28 @@ class Scheduler:
         """What the API learns about ``seq`` before its first token (none here: no prefix cache)."""
         return None
 
-    def update(self, out: SchedulerOutput, token_ids: list[int]) -> list[Sequence]:
-        """Record a step: advance what is cached, append each sampled token, finish who stops."""
+    def update(self, out: SchedulerOutput, token_ids: Seq[Seq[int]]) -> list[Sequence]:
+        """Record a step: advance what is cached, append each row's sampled tokens, finish who stops.
+
+        ``token_ids[i]``: the tokens sampling row ``i`` produced, one here (step 09's verification
+        may accept several: a decode then caches its fed token and the accepted drafts). A token
+        that finishes a sequence drops the ones after it."""
+        produced = dict(zip(out.sampling_seqs, token_ids, strict=True))
         for seq in out.decodes:
-            seq.num_computed_tokens += 1
+            seq.num_computed_tokens += len(produced[seq])
         for chunk in out.prefills:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         finished = []
-        for seq, token in zip(out.sampling_seqs, token_ids, strict=True):
-            seq.output_token_ids.append(token)
-            reason = finish_reason(token, seq.num_output_tokens, seq.params, self.eos_token_ids)
-            if reason is None and seq.num_tokens >= self.max_len:
-                reason = "length"  # no room left (the API's max_tokens check normally stops it first)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+        for seq, tokens in produced.items():
+            for token in tokens:
+                seq.output_token_ids.append(token)
+                reason = finish_reason(token, seq.num_output_tokens, seq.params, self.eos_token_ids)
+                if reason is None and seq.num_tokens >= self.max_len:
+                    reason = "length"  # no room left (the API's max_tokens check normally stops it first)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    break
         return finished
 
     def finish(self, seq: Sequence, reason: str) -> None:

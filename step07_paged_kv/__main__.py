@@ -1,13 +1,15 @@
 import argparse
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI
+from prometheus_client.registry import Collector
 
 from shared.config import ModelConfig, from_args
 from shared.models import LoadedModel
 from shared.server import run_step
 from step04_kvcache.engine import AsyncEngine
-from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.engine_core import EngineCore, StepPolicy
+from step04_kvcache.observer import EngineObserver
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
 from step05_observability.metrics import EngineMetrics, new_registry
@@ -30,10 +32,20 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     return assemble_paged(ns, lambda lm, explicit_len: build_paged_runner(lm, runner_cfg, cache_cfg, explicit_len))
 
 
-def assemble_paged(ns: argparse.Namespace,
-                   build_runner: Callable[[LoadedModel, bool], ModelRunner[PagedKVCache]]) -> FastAPI:
+def paged_core(lm: LoadedModel, runner: ModelRunner[PagedKVCache], sched: SchedulerConfig,
+               cache_cfg: PagedCacheConfig, observers: list[EngineObserver], policies: list[StepPolicy]) -> EngineCore:
+    """Step 07's engine core: the paged scheduler over a pool of the runner's blocks."""
+    blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
+    return EngineCore(scheduler=PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner=runner,
+                      observers=observers, policies=policies)
+
+
+def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, bool], ModelRunner[PagedKVCache]],
+                   build_core: Callable[..., EngineCore] = paged_core,
+                   collectors: Sequence[Callable[[Callable[[], Any]], Collector]] = ()) -> FastAPI:
     """The assembly around any paged runner (``build_runner(lm, explicit_len)``): step 08 swaps
-    in its quantized model's runner and keeps the rest."""
+    in its quantized model's runner and keeps the rest; step 09 also its core (``build_core``,
+    :func:`paged_core`'s signature) and adds Prometheus collectors of the scheduler's stats."""
     model, sched = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns)
     cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
     registry = new_registry()
@@ -42,15 +54,13 @@ def assemble_paged(ns: argparse.Namespace,
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
     deadlines = Deadlines(admission.request_timeout)
 
-    def build_core(lm: LoadedModel) -> EngineCore:
-        runner = build_runner(lm, model.max_model_len > 0)
-        blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
-        return EngineCore(scheduler=PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner=runner,
-                          observers=observers, policies=[deadlines])
+    def build(lm: LoadedModel) -> EngineCore:
+        return build_core(lm, build_runner(lm, model.max_model_len > 0), sched, cache_cfg, observers, [deadlines])
 
-    engine = AsyncEngine(model, build_core, request_policies=[backlog])
+    engine = AsyncEngine(model, build, request_policies=[backlog])
     metrics.bind_gauges(engine.stats)
-    registry.register(PagedKVCollector(lambda: engine.stats().scheduler))
+    for collector in (PagedKVCollector, *collectors):
+        registry.register(collector(lambda: engine.stats().scheduler))
     return make_app(engine, backlog, deadlines, ns, registry)
 
 

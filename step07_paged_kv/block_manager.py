@@ -166,18 +166,28 @@ class BlockManager:
         """Release ``seq``'s blocks, last first: a block nobody uses stays cached (evictable,
         the sequence's tail evicted before its head) if registered, else goes back to the free list."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count > 0:
-                continue
-            if block.block_hash is not None and self.cached_blocks.get(block.block_hash) == block_id:
-                self.evictable[block_id] = None
-            else:
-                block.block_hash = None
-                self.free_block_ids.append(block_id)
+            self._release(block_id)
         seq.block_table.clear()
 
+    def truncate(self, seq: BlockOwner, num_tokens: int) -> None:
+        """Release the blocks of ``seq``'s table past its first ``num_tokens`` positions (step 09
+        gives back the room of rejected speculative tokens this way)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     # ---- internals -----------------------------------------------------------------------------
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count > 0:
+            return
+        if block.block_hash is not None and self.cached_blocks.get(block.block_hash) == block_id:
+            self.evictable[block_id] = None
+        else:
+            block.block_hash = None
+            self.free_block_ids.append(block_id)
 
     def _take(self, block_id: int) -> None:
         """Share a cached block: one more reference (out of the evictable set if it was free)."""

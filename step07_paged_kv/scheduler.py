@@ -62,10 +62,10 @@ class PagedScheduler(Scheduler):
         decodes = []
         for seq in list(self.running):  # oldest first; preemption takes the newest
             if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling and \
-                    self._make_room(seq, seq.num_computed_tokens + 1, scheduled):
+                    self._make_room(seq, seq.num_computed_tokens + 1 + self.num_lookahead_tokens(seq), scheduled):
                 decodes.append(seq)
                 scheduled.add(seq)
-        budget -= len(decodes)
+        budget -= sum(1 + self.num_lookahead_tokens(s) for s in decodes)
         prefills: list[PrefillChunk] = []
         for seq in list(self.running):  # a partly prefilled sequence was admitted before any waiting one
             if budget > 0 and seq.status is SequenceStatus.RUNNING and seq.is_prefilling:
@@ -81,6 +81,11 @@ class PagedScheduler(Scheduler):
             prefills.append(chunk)
             budget -= chunk.num_tokens
         return SchedulerOutput(tuple(decodes), tuple(prefills))
+
+    def num_lookahead_tokens(self, seq: PagedSequence) -> int:
+        """Slots a decode needs past its next token this step: none here (step 09's speculative
+        tokens; vLLM's name). Asked once before the room is made and once for the budget."""
+        return 0
 
     def _make_room(self, seq: PagedSequence, num_tokens: int, scheduled: set[PagedSequence]) -> bool:
         """Grow ``seq``'s table to ``num_tokens`` positions, preempting the newest running

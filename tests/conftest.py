@@ -20,14 +20,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
-         "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant")  # built so far, in order
+         "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant", "step09_speculative")  # built so far, in order
 # Flags under which a step's greedy output must equal transformers' token for token (guide §3):
 # quantization changes outputs by design, so step 08 is held to it with --quantization none, and
 # its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
 # Step 08 servers in tests get a small KV pool: its default (0.75 GiB, touched at start-up) is
 # sized for the real model, and the suite keeps a dozen servers alive at once.
 SMALL_POOL = ("--kv-cache-gib", "0.0625")
-EXACT_FLAGS: dict[str, tuple[str, ...]] = {"step08_quant": ("--quantization", "none", *SMALL_POOL)}
+# Step 09 is held to it with speculation in every step, whatever the batch (its n-gram default).
+EXACT_FLAGS: dict[str, tuple[str, ...]] = {
+    "step08_quant": ("--quantization", "none", *SMALL_POOL),
+    "step09_speculative": ("--quantization", "none", "--speculative-disable-by-batch-size", "0", *SMALL_POOL)}
 
 
 def free_port() -> int:

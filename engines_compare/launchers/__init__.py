@@ -17,6 +17,7 @@ llama.cpp, and keeping engines alive across runs.
 """
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ RECIPE_ONLY = tuple(recipes.BUILDERS)
 ENGINES = (*RUNNABLE, *RECIPE_ONLY)
 DEFAULT_MODEL = "gemma-3-270m"
 OPTIONS = ("threads", "ctx", "parallel", "dtype", "device", "kv_cache_gib", "variant", "model_path",
-           "log_path")
+           "log_path", "extra_args")  # extra_args: the engine's own flags, one string (its speculative ones)
 
 __all__ = ["ENGINES", "RUNNABLE", "RECIPE_ONLY", "EngineHandle", "EngineNotInstalled",
            "EngineStartError", "EngineUnavailable", "LauncherError", "LaunchSpec", "command",
@@ -93,6 +94,7 @@ def _llamacpp_spec(model: str, port: int, prepare: bool, opts: dict[str, Any]) -
         return LaunchSpec("llamacpp", tuple(argv), {}, port, notes=llamacpp.FALLBACK_NOTES,
                           dtype=dtype)
     argv = llamacpp.server_command(llamacpp.server_binary(root), gguf, port, name, serve)
+    argv += shlex.split(opts.get("extra_args") or "")
     return LaunchSpec("llamacpp", tuple(argv), {}, port, dtype=dtype,
                       notes=f"llama-server, {serve.parallel} parallel slots sharing {serve.ctx} tokens")
 
@@ -105,6 +107,7 @@ def _vllm_spec(model: str, port: int, prepare: bool, opts: dict[str, Any]) -> La
                               dtype=opts.get("dtype") or ("float32" if device == "cpu" else "bfloat16"))
     hf = Path(opts.get("model_path") or hf_dir_for(model, prepare))
     argv = vllm.server_command(vllm.venv_python(vllm.venv_dir()), hf, port, served_name(model), serve)
+    argv += shlex.split(opts.get("extra_args") or "")
     return LaunchSpec("vllm", tuple(argv), vllm.server_env(serve), port,
                       notes=f"vLLM {serve.dtype} on {device}", dtype=serve.dtype,
                       ready_timeout_s=vllm.READY_TIMEOUT_S)

@@ -12,15 +12,18 @@ from engines_compare.conformance import CHECKS, connect
 from engines_compare.conformance.runner import run_check
 from tests.conftest import SMALL_POOL, STEPS
 
-# Every step with its default flags, and step 08 with each scheme (auto is one of them on this CPU).
+# Every step with its default flags, step 08 with each scheme (auto is one of them on this CPU), and
+# step 09 with its draft proposer.
 # One known exception: int4 turns tiny-llama's random weights into a model whose 24-token greedy
 # output penalties of 2.0 do not change (penalties_change_output's premise, not the shared
 # sampler, fails: every other scheme and step passes it); it is an expected failure there, strict,
 # so that it is noticed if it ever passes.
 KNOWN = {("int4", "penalties_change_output")}
 SCHEMES = [f"step08_quant --quantization {s} {' '.join(SMALL_POOL)}" for s in ("bf16", "int8", "int4")]
-STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s == "step08_quant" else s for s in STEPS]
-TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else [*STEP_TARGETS, *SCHEMES]
+STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step08_quant", "step09_speculative") else s for s in STEPS]
+# Step 09's draft proposer too (n-gram is its default), speculating at every batch size.
+SPEC = [f"step09_speculative --speculative-method draft --speculative-disable-by-batch-size 0 {' '.join(SMALL_POOL)}"]
+TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else [*STEP_TARGETS, *SCHEMES, *SPEC]
 
 
 @pytest.fixture(scope="module", params=TARGETS)

@@ -25,7 +25,7 @@ def scheduler(max_seqs: int = 4, budget: int = 16, max_len: int = 512) -> Contig
 def step(s: ContiguousScheduler, token: int = 7) -> SchedulerOutput:
     """schedule() and update() as the engine does, every row sampling ``token``."""
     out = s.schedule()
-    s.update(out, [token] * len(out.sampling_seqs))
+    s.update(out, [[token]] * len(out.sampling_seqs))
     return out
 
 
