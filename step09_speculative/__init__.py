@@ -12,8 +12,8 @@ What changed from step 08 (same model runner underneath, same server and flags):
 proposes and packs ``1 + k`` tokens per decode (``model_runner.py``, ``ngram.py``, ``draft.py``),
 the scheduler reserves room for the guesses and truncates block tables after verification
 (``scheduler.py``), the sampler verifies (``rejection.py``), and ``/metrics`` and ``/health`` count
-drafts and acceptances (``metrics.py``). A step with more running sequences than
-``--speculative-disable-by-batch-size`` decodes as step 08 (verification is not free on a CPU).
+drafts and acceptances (``metrics.py``). The decodes of a step share ``--speculative-max-verify-tokens``
+fed tokens, so a big batch decodes as step 08 (verification is not free on a CPU).
 
 Left out on purpose: tree / multi-candidate verification (Medusa, EAGLE trees), trained draft
 heads (EAGLE, MTP; none is shipped for Gemma 3 270M), a separate draft model with its own KV pool

@@ -15,16 +15,17 @@ class SpeculativeConfig:
         "ngram", "who proposes tokens: ngram (prompt lookup: the tokens that followed the latest earlier "
         "occurrence of the sequence's last n tokens), draft (a cheaper form of the served model: "
         "--speculative-draft), none (step 08)", choices=METHODS)
-    num_speculative_tokens: int = flag_field(3, "most tokens proposed per sequence per step (k); 3 by measurement: "
-                                             "the int8 kernel takes rows in fours, so 1 + 3 tokens cost little more than 1 (README)")
+    num_speculative_tokens: int = flag_field(7, "most tokens proposed per sequence per step (k); 7 by measurement "
+                                             "(README: the int8 kernel takes rows in fours)")
     prompt_lookup_min: int = flag_field(2, "ngram: the shortest suffix n-gram looked up")
     prompt_lookup_max: int = flag_field(4, "ngram: the longest suffix n-gram looked up (the longest match wins)")
     speculative_draft: str = flag_field("int4", "draft: int4 (step 08's int4 copy of the model) or early-exit "
                                         "(the model's first --speculative-draft-layers layers)", choices=DRAFTS)
     speculative_draft_layers: int = flag_field(12, "early-exit draft: how many of the model's first layers it runs")
-    speculative_disable_by_batch_size: int = flag_field(
-        4, "no speculation in a step with more running sequences than this (verifying k tokens costs more "
-        "than decoding 1 once the batch is big: README); 0: always speculate")
+    speculative_max_verify_tokens: int = flag_field(
+        8, "most tokens the decodes of one step may feed when they verify: each of n decodes gets "
+        "min(k, this // n - 1) drafts, so with more than half this many decodes nobody speculates "
+        "(verifying is not free on a CPU: README); 0: no limit")
 
     def __post_init__(self) -> None:
         if self.speculative_method not in METHODS:
@@ -40,6 +41,5 @@ class SpeculativeConfig:
             raise ValueError(f"--speculative-draft must be one of {DRAFTS}, got {self.speculative_draft!r}")
         if self.speculative_draft_layers < 1:
             raise ValueError(f"--speculative-draft-layers must be >= 1, got {self.speculative_draft_layers}")
-        if self.speculative_disable_by_batch_size < 0:
-            raise ValueError(f"--speculative-disable-by-batch-size must be >= 0, got "
-                             f"{self.speculative_disable_by_batch_size}")
+        if self.speculative_max_verify_tokens < 0:
+            raise ValueError(f"--speculative-max-verify-tokens must be >= 0, got {self.speculative_max_verify_tokens}")

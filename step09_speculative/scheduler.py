@@ -1,9 +1,11 @@
 """Step 07's scheduler with room for speculative tokens, given back when they are rejected.
 
-Central rule: in a step that speculates (at most ``--speculative-disable-by-batch-size`` running
-sequences), each decode gets KV room and token budget for its next token plus ``k`` proposals
-(``num_lookahead_tokens``: ``--num-speculative-tokens``, fewer near ``max_tokens``, the context's end
-or the step's budget). After verification the sequence has cached its fed token and the accepted
+Central rule: the ``n`` decodes of a step share ``--speculative-max-verify-tokens`` (``M``) fed
+tokens: each gets KV room and token budget for its next token plus ``k = min(K, M // n - 1)``
+proposals (``num_lookahead_tokens``; ``K``: ``--num-speculative-tokens``; fewer near ``max_tokens``,
+the context's end or the step's token budget), so a lone sequence verifies ``K`` drafts, two
+verify fewer each, and past ``M / 2`` decodes nobody speculates: verifying more rows costs more
+on a CPU, and a big batch already fills the matmuls (README). After verification the sequence has cached its fed token and the accepted
 drafts; the blocks past them go back to the pool (block-table truncation), so rejected tokens
 never hold memory past their step. The draft tokens themselves live on the sequence
 (``spec_token_ids``, as in vLLM v1), set by the model runner's proposer each step.
@@ -49,14 +51,14 @@ class SpecScheduler(PagedScheduler):
                  block_manager: BlockManager, spec: SpeculativeConfig) -> None:
         super().__init__(config, max_len, eos_token_ids, block_manager)
         self.spec = spec
-        self._speculate, self._spec_budget = False, 0
+        self._k, self._spec_budget = 0, 0  # this step's drafts per decode, and the tokens left for them
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * spec.num_speculative_tokens
 
     def schedule(self) -> SchedulerOutput:
         decoding = sum(1 for s in self.running if not s.is_prefilling)
-        limit = self.spec.speculative_disable_by_batch_size
-        self._speculate = self.spec.speculative_method != "none" and (limit == 0 or len(self.running) <= limit)
+        m, k = self.spec.speculative_max_verify_tokens, self.spec.num_speculative_tokens
+        self._k = 0 if self.spec.speculative_method == "none" or not decoding else min(k, m // decoding - 1) if m else k
         self._spec_budget = self.config.max_num_batched_tokens - decoding  # each decode's own token first
         for seq in self.running:
             seq.num_lookahead_tokens = -1  # not yet decided this step
@@ -64,12 +66,9 @@ class SpecScheduler(PagedScheduler):
 
     def num_lookahead_tokens(self, seq: SpecSequence) -> int:
         if seq.num_lookahead_tokens < 0:  # decided once per step, before its room is made
-            k = 0
-            if self._speculate:
-                k = min(self.spec.num_speculative_tokens, self._spec_budget,
-                        seq.params.max_tokens - seq.num_output_tokens - 1,  # the last emitted token is free
-                        self.max_len - seq.num_tokens)  # fed positions end at max_len - 1
-                k = max(k, 0)
+            k = max(0, min(self._k, self._spec_budget,
+                           seq.params.max_tokens - seq.num_output_tokens - 1,  # the last emitted token is free
+                           self.max_len - seq.num_tokens))  # fed positions end at max_len - 1
             seq.num_lookahead_tokens, self._spec_budget = k, self._spec_budget - k
         return seq.num_lookahead_tokens
 

@@ -30,7 +30,7 @@ SMALL_POOL = ("--kv-cache-gib", "0.0625")
 # Step 09 is held to it with speculation in every step, whatever the batch (its n-gram default).
 EXACT_FLAGS: dict[str, tuple[str, ...]] = {
     "step08_quant": ("--quantization", "none", *SMALL_POOL),
-    "step09_speculative": ("--quantization", "none", "--speculative-disable-by-batch-size", "0", *SMALL_POOL)}
+    "step09_speculative": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL)}
 
 
 def free_port() -> int:

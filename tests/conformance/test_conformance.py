@@ -22,7 +22,7 @@ KNOWN = {("int4", "penalties_change_output")}
 SCHEMES = [f"step08_quant --quantization {s} {' '.join(SMALL_POOL)}" for s in ("bf16", "int8", "int4")]
 STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step08_quant", "step09_speculative") else s for s in STEPS]
 # Step 09's draft proposer too (n-gram is its default), speculating at every batch size.
-SPEC = [f"step09_speculative --speculative-method draft --speculative-disable-by-batch-size 0 {' '.join(SMALL_POOL)}"]
+SPEC = [f"step09_speculative --speculative-method draft --speculative-max-verify-tokens 0 {' '.join(SMALL_POOL)}"]
 TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else [*STEP_TARGETS, *SCHEMES, *SPEC]
 
 

@@ -35,7 +35,7 @@ def make(model: str, method: str, num_blocks: int = 64, k: int = 3, max_seqs: in
     draft = method if method in ("int4", "early-exit") else "int4"
     spec = SpeculativeConfig(speculative_method="draft" if method == draft else method, num_speculative_tokens=k,
                              prompt_lookup_min=1, speculative_draft=draft, speculative_draft_layers=1,
-                             speculative_disable_by_batch_size=0)
+                             speculative_max_verify_tokens=0)
     rec, build = Steps(), spec_core(spec)
 
     def build_core(lm) -> EngineCore:

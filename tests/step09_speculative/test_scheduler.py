@@ -15,7 +15,7 @@ from step09_speculative.scheduler import SpecScheduler
 
 
 def scheduler(limit: int = 0, k: int = 4) -> SpecScheduler:
-    spec = SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=k, speculative_disable_by_batch_size=limit)
+    spec = SpeculativeConfig(speculative_method="ngram", num_speculative_tokens=k, speculative_max_verify_tokens=limit)
     return SpecScheduler(SchedulerConfig(max_seqs=4, max_num_batched_tokens=32), 64, (1,), BlockManager(16, 4), spec)
 
 
@@ -51,8 +51,9 @@ def test_lookahead_stops_at_max_tokens() -> None:
     assert seq.num_lookahead_tokens == 1  # 2 tokens left: one draft and the target's token
 
 
-@pytest.mark.parametrize("limit, expected", [(0, 4), (2, 4), (1, 0)])
-def test_no_lookahead_when_more_sequences_run_than_the_batch_rule_allows(limit: int, expected: int) -> None:
+@pytest.mark.parametrize("limit, expected", [(0, 4), (16, 4), (8, 3), (4, 1), (3, 0)])
+def test_two_decodes_share_the_verify_tokens(limit: int, expected: int) -> None:
+    """k = min(4, limit // 2 - 1) each (0: no limit): fewer drafts, then none, as the batch grows."""
     s = scheduler(limit=limit)
     a, b = add(s, "a"), add(s, "b")
     s.update(s.schedule(), [[7], [7]])

@@ -20,7 +20,7 @@ from tests.conftest import SMALL_POOL, Server
     (["--prompt-lookup-min", "3", "--prompt-lookup-max", "2"], "--prompt-lookup-max"),
     (["--prompt-lookup-min", "0"], "--prompt-lookup-min"),
     (["--speculative-draft", "eagle"], "--speculative-draft"),
-    (["--speculative-disable-by-batch-size", "-1"], "--speculative-disable-by-batch-size"),
+    (["--speculative-max-verify-tokens", "-1"], "--speculative-max-verify-tokens"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_flag(flags: list[str], named: str) -> None:
     r = subprocess.run([sys.executable, "-m", "step09_speculative", "--model", "tiny-llama", *flags],
@@ -47,12 +47,12 @@ def test_a_draft_deeper_than_the_model_fails_the_load_naming_the_flag(tmp_path: 
 
 
 def test_health_and_metrics_count_drafts_and_acceptances(servers) -> None:
-    url = servers("step09_speculative", "tiny-gemma3", "--speculative-disable-by-batch-size", "0", *SMALL_POOL).url
+    url = servers("step09_speculative", "tiny-gemma3", "--speculative-max-verify-tokens", "0", *SMALL_POOL).url
     body = {"prompt": "one two three one two three one two", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     health = httpx.get(url + "/health").json()
     s = health["scheduler"]
-    assert health["model"]["speculative_method"] == "ngram" and health["model"]["num_speculative_tokens"] == "3"
+    assert health["model"]["speculative_method"] == "ngram" and health["model"]["num_speculative_tokens"] == "7"
     assert s["spec_decode_num_draft_tokens"] > 0 and s["spec_decode_num_accepted_tokens"] > 0
     metrics = httpx.get(url + "/metrics").text
     line = next(x for x in metrics.splitlines() if x.startswith("stepserve:spec_decode_num_accepted_tokens_total "))
