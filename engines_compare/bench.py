@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from engines_compare import corpus, loadgen, machine, metrics, report, targets
+from engines_compare import corpus, loadgen, machine, metrics, report, speculation, targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = "engines_compare.bench/v1"
@@ -192,13 +192,16 @@ def _run_target(cfg: BenchConfig, spec: targets.TargetSpec, prompt_sets: dict[st
         for point in cfg.points():
             prompts = prompt_sets[point.label()]
             bodies = [request_body(cfg, t.model_id, p, eos) for p in prompts]
+            before = speculation.counters(t.url)
             with ServerMemory(t.pid) as memory:
                 records = _measure(ep, bodies, prompts, point, f"{spec.name} {point.label()}", cfg.progress)
+            spec_decode = speculation.delta(before, speculation.counters(t.url))
             summary = metrics.summarize(records, dict(cfg.goodput_ms) or None)
             runs.append({"target": spec.name, "kind": spec.kind, "url": t.url, "model_id": t.model_id,
                          "engine_version": t.version, "dtype": t.dtype, "point": point.label(),
                          "load": dataclasses.asdict(point), "summary": dataclasses.asdict(summary),
-                         "memory": memory.result(), "requests": [_record_dict(r) for r in records]})
+                         "memory": memory.result(), "speculation": spec_decode,
+                         "requests": [_record_dict(r) for r in records]})
     return runs
 
 

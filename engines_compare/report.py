@@ -37,7 +37,7 @@ def flat_summary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def refusal_lines(doc: dict[str, Any]) -> list[str]:
-    """One line per load point that had refusals (429/503) or a measured server memory."""
+    """One line per load point that had refusals (429/503), a measured server memory or speculation."""
     lines = []
     for r in doc["runs"]:
         s, mem = r["summary"], r.get("memory") or {}
@@ -50,6 +50,10 @@ def refusal_lines(doc: dict[str, Any]) -> list[str]:
         if mem.get("rss_before_mib") is not None:
             parts.append(f"server RSS before/peak/after {_fmt(mem['rss_before_mib'], 0)}/{_fmt(mem['rss_peak_mib'], 0)}/"
                          f"{_fmt(mem['rss_after_mib'], 0)} MiB")
+        if (spec := r.get("speculation")) and spec.get("num_draft_tokens"):
+            length = spec.get("mean_acceptance_length")
+            parts.append(f"speculation: {spec['num_draft_tokens']} draft tokens, acceptance "
+                         f"{100 * spec['acceptance_rate']:.1f} %" + (f", mean length {length:.2f}" if length else ""))
         if parts:
             lines.append(f"{r['target']} {r['point']}: " + "; ".join(parts))
     return lines

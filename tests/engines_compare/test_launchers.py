@@ -61,6 +61,11 @@ def test_llamacpp_threads_ctx_parallel_are_overridable() -> None:
     assert (flag(argv, "-t"), flag(argv, "-c"), flag(argv, "-np")) == ("1", "2048", "4")
 
 
+def test_engine_extra_args_reach_the_command_line_after_ours() -> None:
+    argv = launchers.command("llamacpp", port=free_port(), extra_args="--spec-type ngram-simple --spec-ngram-simple-size-n 4")
+    assert argv[-4:] == ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4"]
+
+
 def test_llamacpp_serves_a_given_gguf_under_its_stem(tmp_path: Path) -> None:
     gguf = tmp_path / "other-model.gguf"
     argv = launchers.command("llamacpp", model=str(gguf), port=free_port())

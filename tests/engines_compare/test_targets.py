@@ -42,3 +42,15 @@ def test_set_priority_changes_the_session_nice_value_or_reports_refusal() -> Non
         child.kill()
         child.wait()
     assert not targets.set_priority(child.pid, 5)  # gone: refused, not raised
+
+
+def test_a_labelled_engine_is_one_engine_started_under_its_label() -> None:
+    specs = targets.parse_targets(["llamacpp,llamacpp:ngram,step08_quant:int4"])
+    assert [(s.name, s.kind) for s in specs] == [("llamacpp", "engine"), ("llamacpp:ngram", "engine"),
+                                                  ("step08_quant:int4", "step")]
+    assert targets.step_module("llamacpp:ngram") == "llamacpp"
+    ap = __import__("argparse").ArgumentParser()
+    bench.add_arguments(ap)
+    cfg = bench.config_from_args(ap.parse_args(["--target", "llamacpp:ngram", "--target-flags",
+                                                "llamacpp:ngram=--extra-args '--spec-type ngram-simple'"]))
+    assert targets.engine_options(dict(cfg.target_flags)["llamacpp:ngram"]) == {"extra_args": "--spec-type ngram-simple"}
