@@ -89,7 +89,7 @@ class SpeculativeSampler:
             idx = torch.tensor([starts[i] for i in single], device=logits.device)
             for i, events in zip(single, self.rows.sample(out, [rows[i] for i in single], logits[idx])):
                 result[i] = events
-        argmax = logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        argmax = logits.float().argmax(dim=-1).tolist()  # one call for every greedy row (float: as the sampler)
         for i, seq in enumerate(rows):
             if result[i]:
                 continue
