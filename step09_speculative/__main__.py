@@ -42,7 +42,7 @@ def spec_core(spec: SpeculativeConfig):
                         int4_draft(lm) if spec.speculative_draft == "int4" else
                         early_exit(runner.model, spec.speculative_draft_layers), runner.cache, runner.device),
                     }[spec.speculative_method]()
-        verifier = SpecModelRunner(runner, proposer, spec.num_speculative_tokens)
+        verifier = SpecModelRunner(runner, proposer, spec.k)
         blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
         return EngineCore(scheduler=SpecScheduler(sched, runner.max_len, lm.eos_token_ids, blocks, spec),
                           runner=verifier, observers=observers, policies=policies,

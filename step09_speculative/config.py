@@ -7,6 +7,9 @@ from shared.config import flag_field
 
 METHODS = ("none", "ngram", "draft")
 DRAFTS = ("int4", "early-exit")
+# k by method, measured on the default model (README): n-gram drafts are free and the int8 kernel
+# takes rows in fours, so 8 fed rows cost what 5 do; a draft model's tokens cost ~0.9 of the target's.
+DEFAULT_K = {"none": 0, "ngram": 7, "draft": 1}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -15,8 +18,8 @@ class SpeculativeConfig:
         "ngram", "who proposes tokens: ngram (prompt lookup: the tokens that followed the latest earlier "
         "occurrence of the sequence's last n tokens), draft (a cheaper form of the served model: "
         "--speculative-draft), none (step 08)", choices=METHODS)
-    num_speculative_tokens: int = flag_field(7, "most tokens proposed per sequence per step (k); 7 by measurement "
-                                             "(README: the int8 kernel takes rows in fours)")
+    num_speculative_tokens: int = flag_field(0, "most tokens proposed per sequence per step (k); 0: the method's "
+                                             "default, measured (README): ngram 7, draft 1")
     prompt_lookup_min: int = flag_field(2, "ngram: the shortest suffix n-gram looked up")
     prompt_lookup_max: int = flag_field(4, "ngram: the longest suffix n-gram looked up (the longest match wins)")
     speculative_draft: str = flag_field("int4", "draft: int4 (step 08's int4 copy of the model) or early-exit "
@@ -27,11 +30,17 @@ class SpeculativeConfig:
         "min(k, this // n - 1) drafts, so with more than half this many decodes nobody speculates "
         "(verifying is not free on a CPU: README); 0: no limit")
 
+    @property
+    def k(self) -> int:
+        """The most drafts per sequence per step, the default resolved."""
+        return self.num_speculative_tokens or DEFAULT_K[self.speculative_method]
+
     def __post_init__(self) -> None:
         if self.speculative_method not in METHODS:
             raise ValueError(f"--speculative-method must be one of {METHODS}, got {self.speculative_method!r}")
-        if not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError(f"--num-speculative-tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"--num-speculative-tokens must be in [0, 16] (0: the method's default), got "
+                             f"{self.num_speculative_tokens}")
         if self.prompt_lookup_min < 1:
             raise ValueError(f"--prompt-lookup-min must be >= 1, got {self.prompt_lookup_min}")
         if self.prompt_lookup_max < self.prompt_lookup_min:

@@ -53,11 +53,11 @@ class SpecScheduler(PagedScheduler):
         self.spec = spec
         self._k, self._spec_budget = 0, 0  # this step's drafts per decode, and the tokens left for them
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
-        self.accepted_per_pos = [0] * spec.num_speculative_tokens
+        self.accepted_per_pos = [0] * spec.k
 
     def schedule(self) -> SchedulerOutput:
         decoding = sum(1 for s in self.running if not s.is_prefilling)
-        m, k = self.spec.speculative_max_verify_tokens, self.spec.num_speculative_tokens
+        m, k = self.spec.speculative_max_verify_tokens, self.spec.k
         self._k = 0 if self.spec.speculative_method == "none" or not decoding else min(k, m // decoding - 1) if m else k
         self._spec_budget = self.config.max_num_batched_tokens - decoding  # each decode's own token first
         for seq in self.running:

@@ -59,3 +59,8 @@ def test_two_decodes_share_the_verify_tokens(limit: int, expected: int) -> None:
     s.update(s.schedule(), [[7], [7]])
     s.schedule()
     assert a.num_lookahead_tokens == b.num_lookahead_tokens == expected
+
+
+def test_k_defaults_by_method_and_an_explicit_k_wins() -> None:
+    assert [SpeculativeConfig(speculative_method=m).k for m in ("ngram", "draft", "none")] == [7, 1, 0]
+    assert SpeculativeConfig(speculative_method="draft", num_speculative_tokens=3).k == 3

@@ -16,7 +16,7 @@ from tests.conftest import SMALL_POOL, Server
 
 @pytest.mark.parametrize("flags,named", [
     (["--speculative-method", "medusa"], "--speculative-method"),
-    (["--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+    (["--num-speculative-tokens", "17"], "--num-speculative-tokens"),
     (["--prompt-lookup-min", "3", "--prompt-lookup-max", "2"], "--prompt-lookup-max"),
     (["--prompt-lookup-min", "0"], "--prompt-lookup-min"),
     (["--speculative-draft", "eagle"], "--speculative-draft"),
