@@ -20,8 +20,6 @@ client is their ratio. n-gram drafts cost nothing (``c = 0``); their acceptance 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -31,23 +29,12 @@ from shared.cpu import cpu_flags
 from shared.model import Transformer
 from shared.models import load_model, prepare
 from step07_paged_kv.paged_cache import PagedKVCache
+from step08_quant.kernels import time_ms
 from step08_quant.quality import held_windows
 from step08_quant.quantize import quantize
 from step09_speculative.draft import early_exit
 
 BLOCK = 16
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class Bench:
@@ -85,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     ctx = 256
     bench = Bench(target, 16, ctx + 32)
     for b_ in (1, 4, 16):
-        base = timed(lambda: bench.forward([[5]] * b_, [ctx] * b_), ns.repeats)
+        base = time_ms(lambda: bench.forward([[5]] * b_, [ctx] * b_), ns.repeats)
         ks = (1, 2, 3, 4, 7)
-        ratios = [timed(lambda: bench.forward([[5] * (1 + k)] * b_, [ctx] * b_), ns.repeats) / base for k in ks]
-        print(f"verification, batch {b_}: plain step {1e3 * base:.1f} ms; 1 + k tokens each costs "
+        ratios = [time_ms(lambda: bench.forward([[5] * (1 + k)] * b_, [ctx] * b_), ns.repeats) / base for k in ks]
+        print(f"verification, batch {b_}: plain step {base:.1f} ms; 1 + k tokens each costs "
               + ", ".join(f"k={k}: x{r:.2f}" for k, r in zip(ks, ratios)))
-    t_target = timed(lambda: bench.forward([[5]], [ctx]), ns.repeats)
-    v1 = {k: timed(lambda: bench.forward([[5] * (1 + k)], [ctx]), ns.repeats) / t_target for k in range(1, 8)}
+    t_target = time_ms(lambda: bench.forward([[5]], [ctx]), ns.repeats)
+    v1 = {k: time_ms(lambda: bench.forward([[5] * (1 + k)], [ctx]), ns.repeats) / t_target for k in range(1, 8)}
     print("| draft | acceptance (top-1 agreement) | cost per token vs target | best k | projected speed-up |")
     print("|---|---:|---:|---:|---:|")
     with torch.inference_mode():
@@ -100,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             db = Bench(d, 1, ctx + 32)
             agree = sum(int((db.forward([w], [0]).argmax(-1) == r).sum()) for w, r in zip(windows, ref))
             a = agree / sum(len(w) for w in windows)
-            c = timed(lambda: db.model(*_one(db, ctx)), ns.repeats) / t_target
+            c = time_ms(lambda: db.model(*_one(db, ctx)), ns.repeats) / t_target
             best = max(range(1, 8), key=lambda k: sum(a ** i for i in range(k + 1)) / (k * c + v1[k]))
             speed = sum(a ** i for i in range(best + 1)) / (best * c + v1[best])
             print(f"| {name} | {100 * a:.1f} % | {c:.2f} | {best} | x{speed:.2f} |")
