@@ -75,29 +75,29 @@ class SpeculativeSampler:
         self.rows = RowSampler(eos_token_ids)
 
     def sample(self, out: SchedulerOutput, rows: list[SpecSequence], logits: torch.Tensor) -> list[list[TokenEvent]]:
-        drafts = [getattr(s, "spec_token_ids", ()) for s in rows]
+        drafts = [s.spec_token_ids for s in rows]
         if not any(drafts):
             return self.rows.sample(out, rows, logits)
         starts, r = [], 0
         for d in drafts:
             starts.append(r)
             r += 1 + len(d)
-        plain = [i for i, s in enumerate(rows) if not drafts[i] or (s.params.greedy and is_plain(s.params, s.output_token_ids))]
-        single = [i for i in plain if not drafts[i]]
+        single = [i for i, d in enumerate(drafts) if not d]
         result: list[list[TokenEvent]] = [[] for _ in rows]
-        if single:  # every row without drafts: one batched call
+        if single:  # every row without drafts: one batched call, as step 04 samples
             idx = torch.tensor([starts[i] for i in single], device=logits.device)
             for i, events in zip(single, self.rows.sample(out, [rows[i] for i in single], logits[idx])):
                 result[i] = events
-        argmax = logits.float().argmax(dim=-1).tolist()  # one call for every greedy row (float: as the sampler)
+        plain = {i for i, s in enumerate(rows) if drafts[i] and s.params.greedy and is_plain(s.params, s.output_token_ids)}
+        argmax = logits.float().argmax(dim=-1).tolist() if plain else []  # one call (float: as the sampler)
         for i, seq in enumerate(rows):
-            if result[i]:
+            if not drafts[i]:
                 continue
-            block = logits[starts[i]:starts[i] + 1 + len(drafts[i])].float()  # [k + 1, V]
+            k = len(drafts[i])
+            block = logits[starts[i]:starts[i] + 1 + k]  # [k + 1, V]: after the last token, after each draft
             if i in plain:
-                tokens = verify_greedy(argmax[starts[i]:starts[i] + len(drafts[i]) + 1], drafts[i])
+                tokens = verify_greedy(argmax[starts[i]:starts[i] + k + 1], drafts[i])
             elif seq.params.greedy:  # penalties or min_tokens change the argmax
-                k = len(drafts[i])
                 tokens = verify_greedy([int(self._logits_at(block, seq, j).argmax()) for j in range(k + 1)], drafts[i])
             else:
                 tokens = verify(lambda j: filtered_probs(self._logits_at(block, seq, j), seq.params), drafts[i],
@@ -108,7 +108,7 @@ class SpeculativeSampler:
     def _logits_at(self, block: torch.Tensor, seq: SpecSequence, j: int) -> torch.Tensor:
         """The target's logits at draft ``j`` as ``shared.sampling.sample`` would see them there:
         penalties over the output plus the drafts before ``j``, EOS masked below ``min_tokens``."""
-        row, p = block[j].clone(), seq.params
+        row, p = block[j].to(torch.float32, copy=True), seq.params  # a copy, in the sampler's float32
         output = [*seq.output_token_ids, *seq.spec_token_ids[:j]]
         apply_penalties(row, p, output)
         if len(output) < p.min_tokens:
@@ -119,7 +119,7 @@ class SpeculativeSampler:
     def _events(block: torch.Tensor, tokens: list[int], k: int | None) -> list[TokenEvent]:
         if k is None:
             return [TokenEvent(t) for t in tokens]
-        lp = torch.log_softmax(block[:len(tokens)], dim=-1)  # the raw logits' log-probabilities
+        lp = torch.log_softmax(block[:len(tokens)].float(), dim=-1)  # the raw logits' log-probabilities
         events = []
         for j, t in enumerate(tokens):
             top = ()
