@@ -122,9 +122,11 @@ class Int4Linear(nn.Module):
         q, scales, zeros = quantize_int4(F.pad(w, (0, 0, 0, self.padded_out - self.out_features)), group_size)
         self.padded_in = q.shape[1]
         self.cuda = weight.device.type == "cuda"
-        if self.cuda:  # the CUDA packing takes two nibbles per byte, uint8 [N, Kp / 2] (torchao's convention)
+        if self.cuda:  # the CUDA packing takes two nibbles per byte, uint8 [N, Kp / 2] (torchao's convention),
+            # in tiles of inner_k_tiles x 16 input columns: 8 where K allows, fewer for small K (a tiny model's 64)
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)  # int32 tiles, inner_k_tiles 8
+            tiles = next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)  # Kp is a multiple of 32
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)  # int32 tiles
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)  # uint8 [N, Kp / 2]
         # [G, N, 2]: (scale, zero) per group and output channel, the kernels' layout

@@ -102,10 +102,11 @@ def test_a_linear_without_bias_stays_without_bias() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 1024), (48, 64)])  # (48, 64): a tiny model's K, fewer CUDA k-tiles
 @pytest.mark.parametrize("cls", ["int8", "int4"])
-def test_the_cuda_kernels_match_the_cpu_ones(cls: str) -> None:
-    w, b, x = weights(256, 1024)
-    make = (lambda w, b: Int8Linear(w, b)) if cls == "int8" else (lambda w, b: Int4Linear(w, b, 128))
+def test_the_cuda_kernels_match_the_cpu_ones(cls: str, shape: tuple[int, int]) -> None:
+    w, b, x = weights(*shape)
+    make = (lambda w, b: Int8Linear(w, b)) if cls == "int8" else (lambda w, b: Int4Linear(w, b, 32))
     cpu = make(w, b)(x.bfloat16()).float()
     gpu = make(w.cuda(), b.cuda())(x.bfloat16().cuda()).float().cpu()
     close(gpu, cpu)
