@@ -38,8 +38,11 @@ def engine(method: str) -> AsyncEngine:
 
     def build(lm) -> EngineCore:
         runner = build_paged_runner(lm, RunnerConfig(1.0), cache, explicit_len=False)
-        proposer = {"none": None, "ngram": NgramProposer(1, 4)}.get(method) if method != "draft" else \
-            DraftModelProposer(int4_draft(lm), runner.cache, runner.device)
+        proposer = None
+        if method == "ngram":
+            proposer = NgramProposer(1, 4)
+        elif method == "draft":
+            proposer = DraftModelProposer(int4_draft(lm), runner.cache, runner.device)
         return EngineCore(SpecScheduler(sched, runner.max_len, lm.eos_token_ids,
                                         BlockManager(256, 4), spec),
                           SpecModelRunner(runner, proposer, spec.k), sampler=SpeculativeSampler(lm.eos_token_ids))

@@ -5,7 +5,6 @@ back after aborts in the middle of speculation."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 
