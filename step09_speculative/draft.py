@@ -41,6 +41,7 @@ from shared.model import Transformer
 from shared.models import LoadedModel
 from shared.sampling import SamplingParams, filtered_probs
 from step08_quant.quantize import quantize
+from step09_speculative.scheduler import SpecSequence
 
 
 def int4_draft(lm: LoadedModel) -> Transformer:
@@ -84,6 +85,12 @@ class DraftModelProposer:
 
     def __init__(self, draft: Transformer, cache: KVCache, device: torch.device) -> None:
         self.draft, self.cache, self.device = draft, cache, device
+
+    def propose_for(self, seqs: Sequence[SpecSequence]) -> None:
+        reqs = [DraftRequest(s.last_token_id, s.num_computed_tokens, s.block_table, s.params, s.generator,
+                             s.num_lookahead_tokens) for s in seqs]
+        for s, (tokens, probs) in zip(seqs, self.propose(reqs)):
+            s.spec_token_ids, s.draft_probs = tokens, probs
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[DraftRequest]) -> list[tuple[list[int], torch.Tensor | None]]:

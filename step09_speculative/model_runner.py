@@ -12,6 +12,7 @@ decodes stay first in the batch, so attention still runs them as one padded call
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol, Sequence as Seq
 
 import torch
 
@@ -20,14 +21,19 @@ from step04_kvcache.model_runner import ModelRunner
 from step04_kvcache.prompt_logprobs import prompt_spans, span_rows
 from step04_kvcache.scheduler import SchedulerOutput
 from step07_paged_kv.paged_cache import PagedKVCache
-from step09_speculative.draft import DraftRequest, DraftModelProposer
-from step09_speculative.ngram import NgramProposer
 from step09_speculative.scheduler import SpecSequence
 
 
+class Proposer(Protocol):
+    name: str
+
+    def propose_for(self, seqs: Seq[SpecSequence]) -> None:
+        """Set each sequence's ``spec_token_ids`` (at most its ``num_lookahead_tokens``) and, for
+        sampled draft tokens, ``draft_probs``."""
+
+
 class SpecModelRunner(ModelRunner[PagedKVCache]):
-    def __init__(self, runner: ModelRunner[PagedKVCache], proposer: NgramProposer | DraftModelProposer | None,
-                 num_speculative_tokens: int) -> None:
+    def __init__(self, runner: ModelRunner[PagedKVCache], proposer: Proposer | None, num_speculative_tokens: int) -> None:
         super().__init__(runner.model, runner.cache, runner.device, runner.max_len, runner.details)
         self.proposer, self.k = proposer, num_speculative_tokens
         self.details |= {"speculative_method": proposer.name if proposer else "none",
@@ -36,16 +42,8 @@ class SpecModelRunner(ModelRunner[PagedKVCache]):
     def propose(self, decodes: tuple[SpecSequence, ...]) -> None:
         """Fill each decode's ``spec_token_ids`` (at most its ``num_lookahead_tokens``)."""
         todo = [s for s in decodes if s.num_lookahead_tokens > 0]
-        if not todo or self.proposer is None:
-            return
-        if isinstance(self.proposer, NgramProposer):
-            for s in todo:
-                s.spec_token_ids = self.proposer.propose(s.token_ids(0, s.num_tokens), s.num_lookahead_tokens)
-            return
-        reqs = [DraftRequest(s.last_token_id, s.num_computed_tokens, s.block_table, s.params,
-                             s.generator, s.num_lookahead_tokens) for s in todo]
-        for s, (tokens, probs) in zip(todo, self.proposer.propose(reqs)):
-            s.spec_token_ids, s.draft_probs = tokens, probs
+        if todo and self.proposer is not None:
+            self.proposer.propose_for(todo)
 
     def prepare(self, out: SchedulerOutput) -> BatchInputs:
         self.propose(out.decodes)

@@ -15,12 +15,18 @@ from typing import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from step09_speculative.scheduler import SpecSequence
+
 
 class NgramProposer:
     name = "ngram"
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+
+    def propose_for(self, seqs: Sequence[SpecSequence]) -> None:
+        for s in seqs:
+            s.spec_token_ids = self.propose(s.token_ids(0, s.num_tokens), s.num_lookahead_tokens)
 
     def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` tokens that followed the longest suffix n-gram's latest earlier occurrence."""
