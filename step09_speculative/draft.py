@@ -39,7 +39,7 @@ from shared.attention import build_batch
 from shared.kv_cache import KVCache
 from shared.model import Transformer
 from shared.models import LoadedModel
-from shared.sampling import SamplingParams, filtered_probs
+from shared.sampling import filtered_probs
 from step08_quant.quantize import quantize
 from step09_speculative.scheduler import SpecSequence
 
@@ -65,19 +65,6 @@ def early_exit(model: Transformer, num_layers: int) -> Transformer:
     return draft
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DraftRequest:
-    """One sequence to draft for: its last (uncached) token, how many tokens precede it in the
-    cache, its block table (with room for ``k`` more positions) and its sampling parameters."""
-
-    last_token_id: int
-    num_computed_tokens: int
-    block_table: Sequence[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    k: int
-
-
 class DraftModelProposer:
     """Proposes by running the draft autoregressively over the batch, on the target's cache."""
 
@@ -86,33 +73,29 @@ class DraftModelProposer:
     def __init__(self, draft: Transformer, cache: KVCache, device: torch.device) -> None:
         self.draft, self.cache, self.device = draft, cache, device
 
-    def propose_for(self, seqs: Sequence[SpecSequence]) -> None:
-        reqs = [DraftRequest(s.last_token_id, s.num_computed_tokens, s.block_table, s.params, s.generator,
-                             s.num_lookahead_tokens) for s in seqs]
-        for s, (tokens, probs) in zip(seqs, self.propose(reqs)):
-            s.spec_token_ids, s.draft_probs = tokens, probs
-
     @torch.inference_mode()
-    def propose(self, reqs: Sequence[DraftRequest]) -> list[tuple[list[int], torch.Tensor | None]]:
-        """Per request: its draft tokens and, when it samples, their draft probabilities ``[k, V]``."""
-        tokens: list[list[int]] = [[] for _ in reqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
-        live = [i for i, r in enumerate(reqs) if r.k > 0]
+    def propose_for(self, seqs: Sequence[SpecSequence]) -> None:
+        """Each sequence's ``num_lookahead_tokens`` draft tokens (its table has room for them), and,
+        when it samples, their draft probabilities ``[k, V]``."""
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = [i for i, s in enumerate(seqs) if s.num_lookahead_tokens > 0]
         step = 0
         while live:
-            b = build_batch([[reqs[i].last_token_id if step == 0 else tokens[i][-1]] for i in live],
-                            [reqs[i].num_computed_tokens + step for i in live],
-                            [reqs[i].block_table for i in live], self.cache.block_size, self.device)
+            b = build_batch([[tokens[i][-1] if step else seqs[i].last_token_id] for i in live],
+                            [seqs[i].num_computed_tokens + step for i in live],
+                            [seqs[i].block_table for i in live], self.cache.block_size, self.device)
             logits = self.draft(b.input_ids, b.positions, self.cache, b.attn_metadata, b.logits_indices).float()
             greedy = logits.argmax(dim=-1).tolist()
             for row, i in enumerate(live):
-                r = reqs[i]
-                if r.params.greedy or r.generator is not None:
+                s = seqs[i]
+                if s.params.greedy or s.generator is not None:
                     tokens[i].append(greedy[row])
                     continue
-                q = filtered_probs(logits[row], r.params)
-                tokens[i].append(int(torch.multinomial(q, 1, generator=r.generator)))
+                q = filtered_probs(logits[row], s.params)
+                tokens[i].append(int(torch.multinomial(q, 1, generator=s.generator)))
                 probs[i].append(q)
             step += 1
-            live = [i for i in live if len(tokens[i]) < reqs[i].k]
-        return [(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
+            live = [i for i in live if len(tokens[i]) < seqs[i].num_lookahead_tokens]
+        for s, t, p in zip(seqs, tokens, probs):
+            s.spec_token_ids, s.draft_probs = t, torch.stack(p) if p else None

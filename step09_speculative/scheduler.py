@@ -58,7 +58,11 @@ class SpecScheduler(PagedScheduler):
     def schedule(self) -> SchedulerOutput:
         decoding = sum(1 for s in self.running if not s.is_prefilling)
         m, k = self.spec.speculative_max_verify_tokens, self.spec.k
-        self._k = 0 if self.spec.speculative_method == "none" or not decoding else min(k, m // decoding - 1) if m else k
+        if self.spec.speculative_method == "none" or not decoding:
+            k = 0
+        elif m:
+            k = min(k, m // decoding - 1)  # may go below 0: nobody speculates
+        self._k = k
         self._spec_budget = self.config.max_num_batched_tokens - decoding  # each decode's own token first
         for seq in self.running:
             seq.num_lookahead_tokens = -1  # not yet decided this step
