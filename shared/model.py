@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,9 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sign-folded sin: [T, 1, D] each
+
+
 def rope_cos_sin(positions: torch.Tensor, theta: float, factor: float, head_dim: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin ``[T, 1, D]`` for :func:`apply_rope`, in float32 like transformers.
@@ -140,6 +144,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> tor
 
 
 class Attention(nn.Module):
+    """The attention block's weights and its math before the attention itself (:meth:`qkv`); the
+    layer calls the backend and the output projection (:meth:`DecoderLayer.after_attention`)."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -154,17 +161,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, unit_offset=True)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, unit_offset=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
-                plan: object, backend: AttentionBackend) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        """Projections, q/k norms and RoPE: ``q [T, H, D]``, ``k``/``v [T, Hkv, D]``."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, -1, self.head_dim)  # [T, H, D]; -1 so that TP-sharded heads work
         k = self.k_proj(x).view(t, -1, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, -1, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = backend.forward(q, k, v, cache, layer, plan, self.scale, self.softcap)  # [T, H, D]
-        return self.o_proj(out.reshape(t, -1))  # [T, hidden]
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
 class MLP(nn.Module):
@@ -202,14 +207,43 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, True)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, layer: int,
                 plan: object, backend: AttentionBackend) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, cache, layer, plan, backend)
+        # Three stages, so that a kernels transform (step 10) can compile or fuse the two around attention.
+        q, k, v = self.before_attention(x, rope)
+        out = backend.forward(q, k, v, cache, layer, plan, self.self_attn.scale, self.self_attn.softcap)  # [T, H, D]
+        return self.after_attention(x, out)
+
+    def before_attention(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        return self.self_attn.qkv(self.input_layernorm(x), rope)
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The output projection, residuals, norms and MLP: the layer's output ``[T, hidden]``."""
+        h = self.self_attn.o_proj(attn.reshape(x.shape[0], -1))  # [T, hidden]
         if not self.gemma:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class LayerRunner(Protocol):
+    """Runs the decoder layers over ``x`` (layer ``i`` with ``ropes[i]`` and ``plans[i]``). The
+    reference is :class:`EagerLayers`; step 10's compiled and fused runners are others, chosen when
+    the engine is built (like the attention backend), so the model never checks for them."""
+
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, ropes: list[Rope], plans: list[object], cache: KVCache,
+            backend: AttentionBackend) -> torch.Tensor: ...
+
+
+class EagerLayers:
+    """Each layer's ``forward`` in turn."""
+
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, ropes: list[Rope], plans: list[object], cache: KVCache,
+            backend: AttentionBackend) -> torch.Tensor:
+        for i, layer in enumerate(layers):
+            x = layer(x, ropes[i], cache, i, plans[i], backend)
+        return x
 
 
 class Transformer(nn.Module):
@@ -219,6 +253,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.backend: AttentionBackend = backend or TorchAttentionBackend()  # chosen when the engine is built
+        self.layer_runner: LayerRunner = EagerLayers()  # how the layers are driven: step 10 compiles or fuses
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.is_gemma)
@@ -248,9 +283,8 @@ class Transformer(nn.Module):
         group = args.num_heads // args.num_kv_heads
         plans = {w: self.backend.plan(attn_metadata, kv_cache, input_ids.shape[0], w, group)
                  for w in set(args.sliding_windows)}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ropes[rope_kinds[i]], kv_cache, i, plans[args.sliding_windows[i]], self.backend)
-        return x
+        return self.layer_runner.run(self.layers, x, [ropes[kind] for kind in rope_kinds],
+                                     [plans[w] for w in args.sliding_windows], kv_cache, self.backend)
 
     def compute_logits(self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and LM head on the rows that need logits only (the head dominates decode)."""

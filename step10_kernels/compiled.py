@@ -1,0 +1,116 @@
+"""``--kernels compile``: torch.compile (inductor) fuses the math around attention, per layer.
+
+Central rule: attention stays the backend's (eager torch here, a Triton kernel on a GPU), because
+its inputs change shape with every batch and its plan is not a tensor; everything a layer does
+before it (norm, projections, q/k norms, RoPE: :meth:`DecoderLayer.before_attention`) and after it
+(output projection, residuals, norms, MLP: ``after_attention``) is compiled ONCE, with the token
+count dynamic, and the same compiled code serves every layer (their weights are inputs, not
+constants) and every batch. vLLM compiles the same pieces (its "piecewise" graphs split at
+attention); inductor writes C++/OpenMP loops on CPU (Triton on GPU) that fuse the elementwise ops
+and reductions between the matmuls: each RMSNorm becomes one loop instead of ~8 ops, RoPE one
+instead of 4, GELU-times-up one instead of 2.
+
+The matmuls stay oneDNN's prepacked ones (step 04's transform, :mod:`shared.cpu_linear`), called
+through an opaque custom op so that inductor keeps them (it cannot lower a prepacked weight, and
+its own GEMMs for these skinny shapes are MKL's, 2-3x slower at 16 rows: README).
+
+Recompiles: dynamo specializes sizes 0 and 1, so a batch of one token gets its own graph and any
+other count shares a dynamic one: two graphs per stage. :func:`step10_kernels.model_runner.warm_up` runs both at
+start-up and says so on the console; the compile time and graph count are on ``/health``.
+
+Left out: compiling attention itself (flex attention on CPU), max-autotune GEMM templates (minutes
+of compile), the LM head (one matmul: nothing to fuse), CUDA graphs (``cuda_graphs.py``).
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from shared.cpu_linear import OneDNNLinear
+from shared.attention import AttentionBackend
+from shared.kv_cache import KVCache
+from shared.model import DecoderLayer, Rope, Transformer
+
+@torch.library.custom_op("stepserve::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [rows, in]`` times a oneDNN-prepacked weight: an op inductor calls but does not trace into."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+class OpaqueOneDNNLinear(nn.Module):
+    """Step 04's prepacked linear, called through :func:`onednn_linear` (the same kernel) so it compiles."""
+
+    def __init__(self, linear: OneDNNLinear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin, lead = self.linear, x.shape[:-1]
+        return onednn_linear(x.reshape(-1, lin.in_features), lin.packed, lin.bias, lin.out_features
+                             ).view(*lead, lin.out_features)
+
+
+def _first(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return layer.before_attention(x, (cos, sin))
+
+
+def _between(prev: DecoderLayer, nxt: DecoderLayer, x: torch.Tensor, attn: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = prev.after_attention(x, attn)
+    return (x, *nxt.before_attention(x, (cos, sin)))
+
+
+def _last(prev: DecoderLayer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    return prev.after_attention(x, attn)
+
+
+class CompiledLayers:
+    """A :class:`shared.model.LayerRunner`: compiled piece, eager attention, compiled piece, ...
+
+    The pieces are the code between two attention calls: the first layer's ``before_attention``;
+    each layer's ``after_attention`` fused with the next one's ``before_attention``; the last
+    layer's ``after_attention``. Three functions compiled once, 19 calls per forward for 18 layers
+    (one per layer boundary: measured 3 % faster than two per layer, whose dynamo entry costs ate
+    half of what fusion saved: README)."""
+
+    def __init__(self) -> None:
+        self.first = torch.compile(_first, dynamic=True)
+        self.between = torch.compile(_between, dynamic=True)
+        self.last = torch.compile(_last, dynamic=True)
+
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, ropes: list[Rope], plans: list[object], cache: KVCache,
+            backend: AttentionBackend) -> torch.Tensor:
+        n = len(layers)
+        q, k, v = self.first(layers[0], x, *ropes[0])
+        for i in range(n):
+            attn = layers[i].self_attn
+            out = backend.forward(q, k, v, cache, i, plans[i], attn.scale, attn.softcap)  # [T, H, D]
+            if i + 1 < n:
+                x, q, k, v = self.between(layers[i], layers[i + 1], x, out, *ropes[i + 1])
+            else:
+                x = self.last(layers[i], x, out)
+        return x
+
+
+def compile_layers(model: Transformer) -> CompiledLayers:
+    """Transform ``model`` in place: prepacked linears made opaque to inductor, the layers driven by
+    :class:`CompiledLayers`. Compilation itself happens on first use (:func:`warm_up`)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, OneDNNLinear):
+                setattr(module, name, OpaqueOneDNNLinear(child))
+    model.layer_runner = runner = CompiledLayers()
+    return runner
+
+
+def compile_counters() -> dict[str, int]:
+    """dynamo's counts: frames compiled (``unique_graphs``) and recompiles so far."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "calls_captured": int(counters["stats"]["calls_captured"])}
