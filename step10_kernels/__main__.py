@@ -21,7 +21,7 @@ from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
 from step09_speculative.metrics import SpecDecodingCollector
 from step10_kernels import __doc__
-from step10_kernels.model_runner import KernelsConfig, apply_kernels
+from step10_kernels.model_runner import KernelsConfig, kernels_runner
 
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
@@ -30,7 +30,8 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     kernels = from_args(KernelsConfig, ns)
 
     def build_runner(lm: LoadedModel, explicit_len: bool) -> ModelRunner[PagedKVCache]:
-        return apply_kernels(build_quant_runner(lm, runner_cfg, cache_cfg, quant, explicit_len), kernels)
+        return kernels_runner(lm, runner_cfg, kernels,
+                              lambda cfg: build_quant_runner(lm, cfg, cache_cfg, quant, explicit_len))
 
     return assemble_paged(ns, build_runner, build_core=spec_core(from_args(SpeculativeConfig, ns)),
                           collectors=[SpecDecodingCollector])

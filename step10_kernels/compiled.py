@@ -25,6 +25,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shared.cpu_linear import OneDNNLinear
@@ -32,28 +33,35 @@ from shared.attention import AttentionBackend
 from shared.kv_cache import KVCache
 from shared.model import DecoderLayer, Rope, Transformer
 
-@torch.library.custom_op("stepserve::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x [rows, in]`` times a oneDNN-prepacked weight: an op inductor calls but does not trace into."""
+@torch.library.custom_op("stepserve::linear", mutates_args=())
+def shape_dispatched_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [rows, in]`` times ``weight [out, in]``: one row through MKL's GEMV on the dense weight,
+    more through oneDNN's prepacked GEMM. An op inductor calls but does not trace into."""
+    if x.shape[0] == 1:
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@onednn_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
+@shape_dispatched_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-class OpaqueOneDNNLinear(nn.Module):
-    """Step 04's prepacked linear, called through :func:`onednn_linear` (the same kernel) so it compiles."""
+class ShapeDispatchedLinear(nn.Module):
+    """A linear layer with two kernels chosen per call by the number of rows (measured: README)."""
 
-    def __init__(self, linear: OneDNNLinear) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.linear = linear
+        self.weight, self.bias = linear.weight, linear.bias  # the dense weight: shared, not copied
+        self.packed = OneDNNLinear(linear).packed  # oneDNN's blocked copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lin, lead = self.linear, x.shape[:-1]
-        return onednn_linear(x.reshape(-1, lin.in_features), lin.packed, lin.bias, lin.out_features
-                             ).view(*lead, lin.out_features)
+        lead = x.shape[:-1]
+        if lead.numel() == 1:  # known when dynamo traces (it specializes one row): plain aten, no custom op
+            return F.linear(x, self.weight, self.bias)
+        return shape_dispatched_linear(x.reshape(-1, self.weight.shape[1]), self.weight, self.packed, self.bias
+                                       ).view(*lead, self.weight.shape[0])
 
 
 def _first(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -98,13 +106,15 @@ class CompiledLayers:
         return x
 
 
-def compile_layers(model: Transformer) -> CompiledLayers:
-    """Transform ``model`` in place: prepacked linears made opaque to inductor, the layers driven by
-    :class:`CompiledLayers`. Compilation itself happens on first use (:func:`warm_up`)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, OneDNNLinear):
-                setattr(module, name, OpaqueOneDNNLinear(child))
+def compile_layers(model: Transformer, dispatch_linears: bool) -> CompiledLayers:
+    """Transform ``model`` in place: the layers driven by :class:`CompiledLayers`, and with
+    ``dispatch_linears`` (float32 on a CPU with oneDNN) every ``nn.Linear`` a
+    :class:`ShapeDispatchedLinear`. Compilation happens on first use (``model_runner.warm_up``)."""
+    if dispatch_linears:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, ShapeDispatchedLinear(child))
     model.layer_runner = runner = CompiledLayers()
     return runner
 

@@ -17,16 +17,20 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 
 from shared.attention import build_batch
 from shared.config import flag_field
-from step04_kvcache.model_runner import ModelRunner
+from shared.models import LoadedModel
+from step04_kvcache.model_runner import ModelRunner, RunnerConfig, resolve_linear_backend
 from step07_paged_kv.paged_cache import PagedKVCache
 
 log = logging.getLogger("step10_kernels")
 KERNELS = ("auto", "torch", "triton", "compile")
+TRITON_NEEDS_CUDA = ("--kernels triton needs a CUDA device (upstream Triton has no CPU backend; TRITON_INTERPRET=1 "
+                     "runs it on a CPU for tests, thousands of times slower): use --kernels compile on a CPU")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +44,8 @@ class KernelsConfig:
     def __post_init__(self) -> None:
         if self.kernels not in KERNELS:
             raise ValueError(f"--kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(TRITON_NEEDS_CUDA)
         if self.attention_splits < 0 or self.attention_splits & (self.attention_splits - 1):
             raise ValueError(f"--attention-splits must be 0 or a power of two, got {self.attention_splits}")
 
@@ -49,15 +55,18 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
     if kernels == "auto":
         return "triton" if device.type == "cuda" else "compile"
     if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("kernels: triton needs a CUDA device (upstream Triton has no CPU backend; "
-                         "TRITON_INTERPRET=1 runs it on a CPU for tests, thousands of times slower): "
-                         "use --kernels compile on a CPU")
+        raise ValueError(TRITON_NEEDS_CUDA)
     return kernels
 
 
-def apply_kernels(runner: ModelRunner[PagedKVCache], cfg: KernelsConfig) -> ModelRunner[PagedKVCache]:
-    """Transform the runner's model in place with the chosen backend and warm it up."""
-    kind = resolve_kernels(cfg.kernels, runner.device)
+def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig,
+                   build: Callable[[RunnerConfig], ModelRunner[PagedKVCache]]) -> ModelRunner[PagedKVCache]:
+    """``build(runner_cfg)`` (an earlier step's runner), its model transformed by the chosen kernels
+    and warmed up. Under ``compile`` on a float32 CPU, the model is built with plain linears and
+    each becomes :class:`.compiled.ShapeDispatchedLinear` (oneDNN for several rows, MKL for one)."""
+    kind = resolve_kernels(cfg.kernels, lm.device)
+    dispatch = kind == "compile" and resolve_linear_backend(runner_cfg.linear_backend, lm.device, lm.dtype) == "onednn"
+    runner = build(dataclasses.replace(runner_cfg, linear_backend="torch") if dispatch else runner_cfg)
     runner.details["kernel_backend"] = kind
     if kind == "triton":
         from step10_kernels.triton_layers import TritonAttentionBackend, use_triton_kernels
@@ -66,29 +75,38 @@ def apply_kernels(runner: ModelRunner[PagedKVCache], cfg: KernelsConfig) -> Mode
         use_triton_kernels(runner.model, TritonAttentionBackend(cfg.attention_splits, target_programs=2 * sms))
         log.info("kernels triton: warming up (JIT-compiling the kernels)...")
     elif kind == "compile":
-        from step10_kernels.compiled import compile_counters, compile_layers
+        from step10_kernels.compiled import compile_layers
 
-        compile_layers(runner.model)
+        compile_layers(runner.model, dispatch)
+        if dispatch:
+            runner.details["linear_backend"] = "shape-dispatched (1 row: MKL GEMV on the dense weight; more: oneDNN prepacked)"
         log.info("kernels compile: compiling the pieces between attention calls for 1 and N tokens "
                  "(torch.compile, inductor); this takes a while once...")
     if kind != "torch":
         took = warm_up(runner)
         runner.details["compile_s"] = f"{took:.1f}"
         if kind == "compile":
+            from step10_kernels.compiled import compile_counters
+
             runner.details["compile_graphs"] = str(compile_counters()["graphs"])
         log.info("kernels %s: warm-up done in %.1f s", kind, took)
     return runner
 
 
-def warm_up(runner: ModelRunner[PagedKVCache], token_counts: tuple[int, ...] = (1, 2, 3)) -> float:
-    """One forward of 1, 2 and 3 tokens into block 0 of the pool (free at start-up; any sequence
-    that later gets it writes its slots before reading them), so every graph (dynamo specializes a
-    batch of one token) and kernel is compiled before the first request."""
+def warm_up(runner: ModelRunner[PagedKVCache], prompt_lens: tuple[int, ...] = (1, 2, 3),
+            decode_batches: tuple[int, ...] = (1, 2, 3)) -> float:
+    """Prefills of 1, 2 and 3 tokens, then decode steps of 1, 2 and 3 sequences, into the first
+    blocks of the pool (free at start-up; a sequence that later gets them writes its slots before
+    it reads them): every graph (dynamo specializes a batch of one) and kernel is compiled before
+    the first request."""
     t0 = time.perf_counter()
-    blocks = list(range(-(-max(token_counts) // runner.cache.block_size)))
+    bs = runner.cache.block_size
+    blocks = list(range(-(-(max(prompt_lens) + 1) // bs)))
     with torch.inference_mode():
-        for n in token_counts:
-            runner.forward(build_batch([[0] * n], [0], [blocks], runner.cache.block_size, runner.device))
+        for n in prompt_lens:
+            runner.forward(build_batch([[0] * n], [0], [blocks], bs, runner.device))
+        for b in decode_batches:
+            runner.forward(build_batch([[0]] * b, [max(prompt_lens)] * b, [blocks] * b, bs, runner.device))
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return time.perf_counter() - t0

@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
-         "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant", "step09_speculative")  # built so far, in order
+         "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant", "step09_speculative",
+         "step10_kernels")  # built so far, in order
 # Flags under which a step's greedy output must equal transformers' token for token (guide §3):
 # quantization changes outputs by design, so step 08 is held to it with --quantization none, and
 # its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
@@ -30,7 +31,8 @@ SMALL_POOL = ("--kv-cache-gib", "0.0625")
 # Step 09 is held to it with speculation in every step, whatever the batch (its n-gram default).
 EXACT_FLAGS: dict[str, tuple[str, ...]] = {
     "step08_quant": ("--quantization", "none", *SMALL_POOL),
-    "step09_speculative": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL)}
+    "step09_speculative": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),
+    "step10_kernels": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL)}  # compiled (auto)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import EXACT_FLAGS, SMALL_POOL
 from tests.helpers import prompt_ids, reference_model
 
-ENGINE_STEPS = ("step04_kvcache", "step07_paged_kv", "step08_quant", "step09_speculative")
+ENGINE_STEPS = ("step04_kvcache", "step07_paged_kv", "step08_quant", "step09_speculative", "step10_kernels")
 PROMPT = "The capital of France is Paris, and the capital of Spain is"
 
 

@@ -20,7 +20,7 @@ from tests.conftest import SMALL_POOL, STEPS
 # so that it is noticed if it ever passes.
 KNOWN = {("int4", "penalties_change_output")}
 SCHEMES = [f"step08_quant --quantization {s} {' '.join(SMALL_POOL)}" for s in ("bf16", "int8", "int4")]
-STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step08_quant", "step09_speculative") else s for s in STEPS]
+STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step08_quant", "step09_speculative", "step10_kernels") else s for s in STEPS]
 # Step 09's draft proposer too (n-gram is its default), speculating at every batch size.
 SPEC = [f"step09_speculative --speculative-method draft --speculative-max-verify-tokens 0 {' '.join(SMALL_POOL)}"]
 TARGETS = [os.environ["CONFORMANCE_URL"]] if os.environ.get("CONFORMANCE_URL") else [*STEP_TARGETS, *SCHEMES, *SPEC]

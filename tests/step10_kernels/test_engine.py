@@ -1,0 +1,65 @@
+"""Step 10's engine in-process on the tiny models: greedy output token for token transformers'
+through the compiled runner and through the Triton kernels (interpreted on a CPU), under random
+arrivals, forced preemption, prefix hits and speculative verification; no recompile as the batch
+changes after the warm-up."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shared.config import ModelConfig
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.model_runner import RunnerConfig
+from step04_kvcache.scheduler import SchedulerConfig
+from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
+from step09_speculative.__main__ import spec_core
+from step09_speculative.config import SpeculativeConfig
+from step10_kernels.compiled import compile_counters
+from step10_kernels.model_runner import KernelsConfig, kernels_runner
+from tests.step07_paged_kv.test_engine import Steps, assert_exact, run_jobs
+from tests.step09_speculative.test_engine import looping_jobs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make(model: str, kernels: str, num_blocks: int = 20) -> tuple[AsyncEngine, Steps, dict]:
+    """Step 09's core (n-gram speculation, k = 3, at every batch size) over the kernels' runner."""
+    sched = SchedulerConfig(max_seqs=4, max_num_batched_tokens=16)
+    cache = PagedCacheConfig(block_size=4, num_kv_blocks=num_blocks)
+    spec = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, speculative_max_verify_tokens=0)
+    rec, build, details = Steps(), spec_core(spec), {}
+
+    def build_core(lm) -> EngineCore:
+        runner = kernels_runner(lm, RunnerConfig(1.0), KernelsConfig(kernels),
+                                lambda cfg: build_paged_runner(lm, cfg, cache, explicit_len=False))
+        details.update(runner.details, graphs_after_warm_up=compile_counters()["graphs"])
+        return build(lm, runner, sched, cache, [rec], [])
+
+    return AsyncEngine(ModelConfig(model=model), build_core), rec, details
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_compiled_greedy_is_exact_and_compiles_nothing_after_warm_up(model: str) -> None:
+    jobs = looping_jobs(random.Random(f"compile-{model}"), 10)
+    eng, rec, details = make(model, "compile")
+    results, _, stats = run_jobs(eng, jobs)
+    assert_exact(model, jobs, results)
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert details["kernel_backend"] == "compile" and float(details["compile_s"]) > 0
+    assert len({(s.num_decode_seqs, s.num_prefill_tokens) for s in rec.steps}) > 4  # batches of many shapes ...
+    assert compile_counters()["graphs"] == details["graphs_after_warm_up"]  # ... and nothing recompiled
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_triton_greedy_is_exact(model: str) -> None:
+    """Fewer, shorter jobs than the compiled test: the interpreter runs each kernel in numpy."""
+    jobs = [(rid, ids, min(n, 12), eos, d) for rid, ids, n, eos, d in looping_jobs(random.Random(f"triton-{model}"), 5)]
+    eng, rec, details = make(model, "triton", num_blocks=16)
+    results, _, stats = run_jobs(eng, jobs)
+    assert_exact(model, jobs, results)
+    assert details["kernel_backend"] == "triton"
+    assert any(s.num_prefill_seqs and s.num_decode_seqs for s in rec.steps)  # mixed batches went through the kernel
+    if model == "tiny-gemma3":
+        assert stats.spec_decode_num_accepted_tokens > 0  # verification rows (several queries a decode) too
