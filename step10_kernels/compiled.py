@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.cpu_linear import OneDNNLinear
+from shared.cpu_linear import OneDNNLinear, onednn_usable
 from shared.attention import AttentionBackend
 from shared.kv_cache import KVCache
 from shared.model import DecoderLayer, Rope, Transformer
@@ -88,9 +88,12 @@ class CompiledLayers:
     half of what fusion saved: README)."""
 
     def __init__(self) -> None:
-        self.first = torch.compile(_first, dynamic=True)
-        self.between = torch.compile(_between, dynamic=True)
-        self.last = torch.compile(_last, dynamic=True)
+        # Round where eager rounds (bf16 activations): compiled bf16/int8 output then equals eager's
+        # at one row, measured; without it inductor keeps fused intermediates in float32.
+        opts = {"emulate_precision_casts": True}
+        self.first = torch.compile(_first, dynamic=True, options=opts)
+        self.between = torch.compile(_between, dynamic=True, options=opts)
+        self.last = torch.compile(_last, dynamic=True, options=opts)
 
     def run(self, layers: nn.ModuleList, x: torch.Tensor, ropes: list[Rope], plans: list[object], cache: KVCache,
             backend: AttentionBackend) -> torch.Tensor:
@@ -106,17 +109,19 @@ class CompiledLayers:
         return x
 
 
-def compile_layers(model: Transformer, dispatch_linears: bool) -> CompiledLayers:
+def compile_layers(model: Transformer, dispatch_linears: bool) -> int:
     """Transform ``model`` in place: the layers driven by :class:`CompiledLayers`, and with
-    ``dispatch_linears`` (float32 on a CPU with oneDNN) every ``nn.Linear`` a
-    :class:`ShapeDispatchedLinear`. Compilation happens on first use (``model_runner.warm_up``)."""
-    if dispatch_linears:
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, name, ShapeDispatchedLinear(child))
-    model.layer_runner = runner = CompiledLayers()
-    return runner
+    ``dispatch_linears`` every float32 ``nn.Linear`` on a CPU with oneDNN a :class:`ShapeDispatchedLinear`
+    (quantized linears stay step 08's). Returns how many were swapped. Compilation happens on
+    first use (``model_runner.warm_up``)."""
+    swapped = 0
+    for module in list(model.modules()) if dispatch_linears else []:
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and onednn_usable(child.weight.device, child.weight.dtype):
+                setattr(module, name, ShapeDispatchedLinear(child))
+                swapped += 1
+    model.layer_runner = CompiledLayers()
+    return swapped
 
 
 def compile_counters() -> dict[str, int]:

@@ -77,8 +77,7 @@ def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig
     elif kind == "compile":
         from step10_kernels.compiled import compile_layers
 
-        compile_layers(runner.model, dispatch)
-        if dispatch:
+        if compile_layers(runner.model, dispatch):
             runner.details["linear_backend"] = "shape-dispatched (1 row: MKL GEMV on the dense weight; more: oneDNN prepacked)"
         log.info("kernels compile: compiling the pieces between attention calls for 1 and N tokens "
                  "(torch.compile, inductor); this takes a while once...")
