@@ -1,4 +1,5 @@
 import argparse
+from typing import Callable
 
 from fastapi import FastAPI
 
@@ -30,9 +31,11 @@ from step09_speculative.rejection import SpeculativeSampler
 from step09_speculative.scheduler import SpecScheduler
 
 
-def spec_core(spec: SpeculativeConfig):
+def spec_core(spec: SpeculativeConfig,
+              wrap: Callable[[ModelRunner[PagedKVCache]], ModelRunner[PagedKVCache]] = lambda runner: runner):
     """Step 07's core with three parts swapped: the runner proposes and verifies, the scheduler
-    reserves (and gives back) room for drafts, the sampler accepts or rejects them."""
+    reserves (and gives back) room for drafts, the sampler accepts or rejects them. ``wrap``: a
+    later step's wrapper around the verifying runner (step 10's CUDA graphs)."""
 
     def build(lm: LoadedModel, runner: ModelRunner[PagedKVCache], sched: SchedulerConfig, cache_cfg: PagedCacheConfig,
               observers: list[EngineObserver], policies: list[StepPolicy]) -> EngineCore:
@@ -45,7 +48,7 @@ def spec_core(spec: SpeculativeConfig):
         verifier = SpecModelRunner(runner, proposer, spec.k)
         blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, cache_cfg.enable_prefix_caching)
         return EngineCore(scheduler=SpecScheduler(sched, runner.max_len, lm.eos_token_ids, blocks, spec),
-                          runner=verifier, observers=observers, policies=policies,
+                          runner=wrap(verifier), observers=observers, policies=policies,
                           sampler=SpeculativeSampler(lm.eos_token_ids))
 
     return build

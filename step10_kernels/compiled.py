@@ -1,4 +1,4 @@
-"""``--kernels compile``: torch.compile (inductor) fuses the math around attention, per layer.
+"""``--kernels compile``: torch.compile (inductor) fuses the math between attention calls.
 
 Central rule: attention stays the backend's (eager torch here, a Triton kernel on a GPU), because
 its inputs change shape with every batch and its plan is not a tensor; everything a layer does
@@ -10,28 +10,31 @@ attention); inductor writes C++/OpenMP loops on CPU (Triton on GPU) that fuse th
 and reductions between the matmuls: each RMSNorm becomes one loop instead of ~8 ops, RoPE one
 instead of 4, GELU-times-up one instead of 2.
 
-The matmuls stay oneDNN's prepacked ones (step 04's transform, :mod:`shared.cpu_linear`), called
-through an opaque custom op so that inductor keeps them (it cannot lower a prepacked weight, and
-its own GEMMs for these skinny shapes are MKL's, 2-3x slower at 16 rows: README).
+The matmuls are extern calls inductor does not trace into, and each picks its kernel by the rows
+it gets (:class:`ShapeDispatchedLinear`, measured on this CPU: README): one row goes to MKL's GEMV on
+the dense weight, more rows to oneDNN's GEMM on a prepacked copy (step 04's transform,
+:mod:`shared.cpu_linear`, through a custom op since inductor cannot lower a prepacked weight).
 
 Recompiles: dynamo specializes sizes 0 and 1, so a batch of one token gets its own graph and any
-other count shares a dynamic one: two graphs per stage. :func:`step10_kernels.model_runner.warm_up` runs both at
-start-up and says so on the console; the compile time and graph count are on ``/health``.
+other count shares a dynamic one: two graphs per piece. :func:`step10_kernels.model_runner.warm_up`
+compiles both at start-up and says so on the console; the compile time and graph count are on
+``/health``; a test checks that serving compiles nothing more.
 
-Left out: compiling attention itself (flex attention on CPU), max-autotune GEMM templates (minutes
-of compile), the LM head (one matmul: nothing to fuse), CUDA graphs (``cuda_graphs.py``).
+Left out (each measured, README): attention written as torch code for inductor to fuse the block
+gather into (slower than gather + SDPA here), the whole forward as one graph (6 % faster, but
+130 s of compiling), max-autotune GEMM templates, CUDA graphs (``cuda_graphs.py``, Triton path).
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.cpu_linear import OneDNNLinear, onednn_usable
 from shared.attention import AttentionBackend
+from shared.cpu_linear import OneDNNLinear, onednn_usable
 from shared.kv_cache import KVCache
 from shared.model import DecoderLayer, Rope, Transformer
+
 
 @torch.library.custom_op("stepserve::linear", mutates_args=())
 def shape_dispatched_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,

@@ -38,6 +38,8 @@ class KernelsConfig:
     kernels: str = flag_field("auto", "what runs between the matmuls: compile (torch.compile of the math around "
                               "attention), triton (paged attention and fused kernels; CUDA), torch (step 09's "
                               "eager ops); auto: triton on CUDA, compile on CPU", choices=KERNELS)
+    enforce_eager: bool = flag_field(False, "triton on CUDA: never capture CUDA graphs (by default decode steps of up "
+                                     "to --max-seqs sequences replay graphs captured at start-up; vLLM's flag)")
     attention_splits: int = flag_field(0, "triton: KV splits per decoding sequence (flash-decoding; a power of "
                                        "two); 0: chosen per batch to fill the GPU")
 
@@ -90,6 +92,23 @@ def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig
             runner.details["compile_graphs"] = str(compile_counters()["graphs"])
         log.info("kernels %s: warm-up done in %.1f s", kind, took)
     return runner
+
+
+def cuda_graphs(cfg: KernelsConfig, max_seqs: int) -> Callable[[ModelRunner[PagedKVCache]], ModelRunner[PagedKVCache]]:
+    """The wrapper step 09's core puts around its runner: graphs for the Triton path on CUDA, else none."""
+    def wrap(runner: ModelRunner[PagedKVCache]) -> ModelRunner[PagedKVCache]:
+        if cfg.enforce_eager or runner.details.get("kernel_backend") != "triton" or runner.device.type != "cuda":
+            return runner
+        from step10_kernels.cuda_graphs import CudaGraphRunner
+
+        t0 = time.perf_counter()
+        graphed = CudaGraphRunner(runner, max_seqs)
+        graphed.capture_all()
+        log.info("CUDA graphs: captured decode batches %s in %.1f s", graphed.details["cuda_graphs"],
+                 time.perf_counter() - t0)
+        return graphed
+
+    return wrap
 
 
 def warm_up(runner: ModelRunner[PagedKVCache], prompt_lens: tuple[int, ...] = (1, 2, 3),

@@ -46,16 +46,18 @@ def _rope_and_store(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out, k_cache, v_cac
             tl.store(q_out + (t * NUM_HEADS + h[:, None]) * HEAD_DIM + d[None, :], y, mask=mask)
         else:
             slot = tl.load(slot_mapping + t)
+            written = mask & (h[:, None] * 0 + slot >= 0)  # slot -1: a CUDA graph's padding row, written nowhere
             dst = slot * stride_cs + h[:, None] * stride_ch + d[None, :]
-            tl.store(k_cache + dst, y.to(k_cache.dtype.element_ty), mask=mask)
+            tl.store(k_cache + dst, y.to(k_cache.dtype.element_ty), mask=written)
             v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
-            tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=mask)
+            tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=written)
 
 
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """``q [T, H, D]``, ``k``/``v [T, Hkv, D]``, ``cos``/``sin_rot [T, D]``; the pool
-    ``[blocks, block_size, Hkv, D]``. Writes rotated k and v at ``slot_mapping``; returns rotated q."""
+    ``[blocks, block_size, Hkv, D]``. Writes rotated k and v at ``slot_mapping`` (nothing where it is
+    -1); returns rotated q."""
     t, h, dim = q.shape
     hkv = k.shape[1]
     q_out = torch.empty((t, h, dim), dtype=q.dtype, device=q.device)

@@ -17,6 +17,7 @@ from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
 from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
 from step10_kernels.compiled import compile_counters
+from step10_kernels.cuda_graphs import CudaGraphRunner
 from step10_kernels.model_runner import KernelsConfig, kernels_runner
 from tests.step07_paged_kv.test_engine import Steps, assert_exact, run_jobs
 from tests.step09_speculative.test_engine import looping_jobs
@@ -24,12 +25,14 @@ from tests.step09_speculative.test_engine import looping_jobs
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make(model: str, kernels: str, num_blocks: int = 20) -> tuple[AsyncEngine, Steps, dict]:
+def make(model: str, kernels: str, num_blocks: int = 20, wrap=lambda runner: runner,
+         method: str = "ngram") -> tuple[AsyncEngine, Steps, dict]:
     """Step 09's core (n-gram speculation, k = 3, at every batch size) over the kernels' runner."""
     sched = SchedulerConfig(max_seqs=4, max_num_batched_tokens=16)
     cache = PagedCacheConfig(block_size=4, num_kv_blocks=num_blocks)
-    spec = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, speculative_max_verify_tokens=0)
-    rec, build, details = Steps(), spec_core(spec), {}
+    spec = SpeculativeConfig(speculative_method=method, num_speculative_tokens=3, prompt_lookup_min=1,
+                             speculative_max_verify_tokens=0)
+    rec, build, details = Steps(), spec_core(spec, wrap), {}
 
     def build_core(lm) -> EngineCore:
         runner = kernels_runner(lm, RunnerConfig(1.0), KernelsConfig(kernels),
@@ -63,3 +66,21 @@ def test_triton_greedy_is_exact(model: str) -> None:
     assert any(s.num_prefill_seqs and s.num_decode_seqs for s in rec.steps)  # mixed batches went through the kernel
     if model == "tiny-gemma3":
         assert stats.spec_decode_num_accepted_tokens > 0  # verification rows (several queries a decode) too
+
+
+def test_the_cuda_graph_path_pads_decode_batches_and_stays_exact() -> None:
+    """CudaGraphRunner without capture (no GPU here): decode steps go through its static buffers,
+    padded to the buckets 1, 2, 4 (padding rows write nowhere), and the output is still exact."""
+    graphed = []
+
+    def wrap(runner):
+        graphed.append(CudaGraphRunner(runner, max_batch=4, capture=False))
+        return graphed[0]
+
+    lengths = (10, 6, 10, 3, 8)  # the decode batch shrinks through 3 as requests finish
+    jobs = [(rid, ids, n, False, 0.0) for (rid, ids, _, _, _), n in zip(looping_jobs(random.Random("graphs"), 5), lengths)]
+    eng, rec, _ = make("tiny-gemma3", "triton", num_blocks=24, wrap=wrap, method="none")
+    results, _, _ = run_jobs(eng, jobs)
+    assert_exact("tiny-gemma3", jobs, results)
+    assert graphed[0].buckets == (1, 2, 4)
+    assert graphed[0].num_graph_steps > 0 and graphed[0].num_padding_rows > 0  # 3 decodes ran as 4
