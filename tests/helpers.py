@@ -71,3 +71,15 @@ def check_logprobs_close(ref: tuple[list[int], list[list[int]]], test: tuple[lis
                 f"position {i}: reference {a} (top5 {ref_top[i]}) vs served {b} (top5 {test_top[i]})"
             return
     assert len(ref_ids) == len(test_ids), f"lengths differ: {len(ref_ids)} vs {len(test_ids)}"
+
+
+def usage_error(step: str, *flags: str, env: dict[str, str] | None = None) -> str:
+    """Start ``python -m step`` with ``flags`` on tiny-llama; assert it exits as a usage error (2)
+    before loading anything, and return its last stderr line (the one that must name the flag)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", step, "--model", "tiny-llama", *flags], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 2, r.stderr[-500:]
+    return r.stderr.splitlines()[-1]

@@ -3,14 +3,13 @@ refused with the reason; /health says which kernels run and what compiling cost.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 import torch
 
 from tests.conftest import SMALL_POOL
+from tests.helpers import usage_error
 
 
 @pytest.mark.parametrize("flags,named", [
@@ -19,18 +18,14 @@ from tests.conftest import SMALL_POOL
     (["--attention-splits", "-2"], "--attention-splits"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_flag(flags: list[str], named: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "step10_kernels", "--model", "tiny-llama", *flags],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and named in r.stderr.splitlines()[-1], r.stderr[-500:]
+    assert named in usage_error("step10_kernels", *flags)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device runs Triton")
 def test_triton_without_a_gpu_is_refused_with_the_reason() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "step10_kernels", "--model", "tiny-llama", "--kernels", "triton"],
-                       capture_output=True, text=True, timeout=60, env=env)
-    last = r.stderr.splitlines()[-1]
-    assert r.returncode == 2 and "--kernels" in last and "CUDA" in last and "compile" in last, r.stderr[-500:]
+    last = usage_error("step10_kernels", "--kernels", "triton", env=env)
+    assert "--kernels" in last and "CUDA" in last and "compile" in last, last
 
 
 def test_health_reports_the_compiled_kernels_and_their_cost(servers) -> None:
