@@ -21,7 +21,7 @@ from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
 from step09_speculative.metrics import SpecDecodingCollector
 from step10_kernels import __doc__
-from step10_kernels.model_runner import KernelsConfig, cuda_graphs, kernels_runner
+from step10_kernels.model_runner import KernelsConfig, cuda_graph_wrapper, kernels_runner
 
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
@@ -33,7 +33,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
         return kernels_runner(lm, runner_cfg, kernels,
                               lambda cfg: build_quant_runner(lm, cfg, cache_cfg, quant, explicit_len))
 
-    graphs = cuda_graphs(kernels, from_args(SchedulerConfig, ns).max_seqs)
+    graphs = cuda_graph_wrapper(kernels, from_args(SchedulerConfig, ns).max_seqs)
     return assemble_paged(ns, build_runner, build_core=spec_core(from_args(SpeculativeConfig, ns), graphs),
                           collectors=[SpecDecodingCollector])
 

@@ -127,8 +127,8 @@ def compile_layers(model: Transformer, dispatch_linears: bool) -> int:
     return swapped
 
 
-def compile_counters() -> dict[str, int]:
-    """dynamo's counts: frames compiled (``unique_graphs``) and recompiles so far."""
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "calls_captured": int(counters["stats"]["calls_captured"])}
+    return int(counters["stats"]["unique_graphs"])

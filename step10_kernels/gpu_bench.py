@@ -35,7 +35,7 @@ from step07_paged_kv.block_manager import BlockManager
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
 from step07_paged_kv.paged_cache import PagedKVCache
 from step07_paged_kv.scheduler import PagedScheduler
-from step10_kernels.model_runner import KernelsConfig, cuda_graphs, kernels_runner
+from step10_kernels.model_runner import KernelsConfig, cuda_graph_wrapper, kernels_runner
 from step10_kernels.triton_layers import TritonAttentionBackend
 
 GEMMA_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
@@ -114,7 +114,7 @@ def engine_tok_s(lm: LoadedModel, kernels: str, graphs: bool, clients: int, in_l
     cache = PagedCacheConfig(num_kv_blocks=clients * (-(-(in_len + out_len) // 16) + 1) + 8)
     cfg = KernelsConfig(kernels=kernels, enforce_eager=not graphs)
     runner = kernels_runner(lm, RunnerConfig(1.0), cfg, lambda c: build_paged_runner(lm, c, cache, explicit_len=False))
-    runner = cuda_graphs(cfg, sched.max_seqs)(runner)
+    runner = cuda_graph_wrapper(cfg, sched.max_seqs)(runner)
     blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, enable_prefix_caching=False)
     core = EngineCore(PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner)
     rng = random.Random(clients)

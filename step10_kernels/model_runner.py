@@ -87,14 +87,14 @@ def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig
         took = warm_up(runner)
         runner.details["compile_s"] = f"{took:.1f}"
         if kind == "compile":
-            from step10_kernels.compiled import compile_counters
+            from step10_kernels.compiled import compiled_graphs
 
-            runner.details["compile_graphs"] = str(compile_counters()["graphs"])
+            runner.details["compile_graphs"] = str(compiled_graphs())
         log.info("kernels %s: warm-up done in %.1f s", kind, took)
     return runner
 
 
-def cuda_graphs(cfg: KernelsConfig, max_seqs: int) -> Callable[[ModelRunner[PagedKVCache]], ModelRunner[PagedKVCache]]:
+def cuda_graph_wrapper(cfg: KernelsConfig, max_seqs: int) -> Callable[[ModelRunner[PagedKVCache]], ModelRunner[PagedKVCache]]:
     """The wrapper step 09's core puts around its runner: graphs for the Triton path on CUDA, else none."""
     def wrap(runner: ModelRunner[PagedKVCache]) -> ModelRunner[PagedKVCache]:
         if cfg.enforce_eager or runner.details.get("kernel_backend") != "triton" or runner.device.type != "cuda":

@@ -25,7 +25,7 @@ from step07_paged_kv.block_manager import BlockManager
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
 from step07_paged_kv.scheduler import PagedScheduler
 from step10_kernels.gpu_bench import attention_point
-from step10_kernels.model_runner import KernelsConfig, cuda_graphs, kernels_runner
+from step10_kernels.model_runner import KernelsConfig, cuda_graph_wrapper, kernels_runner
 from tests.helpers import reference_greedy
 
 pytestmark = pytest.mark.gpu
@@ -38,7 +38,7 @@ def test_triton_on_cuda_is_exact_with_and_without_graphs(model: str, graphs: boo
     sched, cache = SchedulerConfig(max_seqs=5, max_num_batched_tokens=24), PagedCacheConfig(block_size=4, num_kv_blocks=128)
     cfg = KernelsConfig(kernels="triton", enforce_eager=not graphs)
     runner = kernels_runner(lm, RunnerConfig(1.0), cfg, lambda c: build_paged_runner(lm, c, cache, explicit_len=False))
-    runner = cuda_graphs(cfg, sched.max_seqs)(runner)
+    runner = cuda_graph_wrapper(cfg, sched.max_seqs)(runner)
     core = EngineCore(PagedScheduler(sched, runner.max_len, lm.eos_token_ids, BlockManager(128, 4)), runner)
     rng = random.Random(model)
     jobs = {f"r{i}": [2, *(rng.randrange(6, 262) for _ in range(rng.randint(3, 30)))] for i in range(5)}

@@ -16,7 +16,7 @@ from step04_kvcache.scheduler import SchedulerConfig
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
 from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
-from step10_kernels.compiled import compile_counters
+from step10_kernels.compiled import compiled_graphs
 from step10_kernels.cuda_graphs import CudaGraphRunner
 from step10_kernels.model_runner import KernelsConfig, kernels_runner
 from tests.step07_paged_kv.test_engine import Steps, assert_exact, run_jobs
@@ -37,7 +37,7 @@ def make(model: str, kernels: str, num_blocks: int = 20, wrap=lambda runner: run
     def build_core(lm) -> EngineCore:
         runner = kernels_runner(lm, RunnerConfig(1.0), KernelsConfig(kernels),
                                 lambda cfg: build_paged_runner(lm, cfg, cache, explicit_len=False))
-        details.update(runner.details, graphs_after_warm_up=compile_counters()["graphs"])
+        details.update(runner.details, graphs_after_warm_up=compiled_graphs())
         return build(lm, runner, sched, cache, [rec], [])
 
     return AsyncEngine(ModelConfig(model=model), build_core), rec, details
@@ -52,7 +52,7 @@ def test_compiled_greedy_is_exact_and_compiles_nothing_after_warm_up(model: str)
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert details["kernel_backend"] == "compile" and float(details["compile_s"]) > 0
     assert len({(s.num_decode_seqs, s.num_prefill_tokens) for s in rec.steps}) > 4  # batches of many shapes ...
-    assert compile_counters()["graphs"] == details["graphs_after_warm_up"]  # ... and nothing recompiled
+    assert compiled_graphs() == details["graphs_after_warm_up"]  # ... and nothing recompiled
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
