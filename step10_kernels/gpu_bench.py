@@ -29,7 +29,7 @@ from shared.engine import GenerationRequest, TokenEvent
 from shared.models import LoadedModel
 from shared.sampling import SamplingParams
 from step04_kvcache.engine_core import EngineCore, Entry
-from step04_kvcache.model_runner import RunnerConfig
+from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
 from step07_paged_kv.block_manager import BlockManager
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
@@ -109,12 +109,20 @@ def random_model(device: torch.device, dtype: torch.dtype, smoke: bool) -> Loade
                        eos_token_ids=(1,), device=device, dtype=dtype)
 
 
-def engine_tok_s(lm: LoadedModel, kernels: str, graphs: bool, clients: int, in_len: int, out_len: int) -> float:
-    sched = SchedulerConfig(max_seqs=max(clients, 1), max_num_batched_tokens=2048)
-    cache = PagedCacheConfig(num_kv_blocks=clients * (-(-(in_len + out_len) // 16) + 1) + 8)
+def engine_runner(lm: LoadedModel, kernels: str, graphs: bool, max_clients: int, in_len: int,
+                  out_len: int) -> ModelRunner[PagedKVCache]:
+    """The runner ``--kernels kernels`` builds (with CUDA graphs or not), its pool sized for the load."""
+    cache = PagedCacheConfig(num_kv_blocks=max_clients * (-(-(in_len + out_len) // 16) + 1) + 8)
     cfg = KernelsConfig(kernels=kernels, enforce_eager=not graphs)
     runner = kernels_runner(lm, RunnerConfig(1.0), cfg, lambda c: build_paged_runner(lm, c, cache, explicit_len=False))
-    runner = cuda_graph_wrapper(cfg, sched.max_seqs)(runner)
+    return cuda_graph_wrapper(cfg, max_clients)(runner)
+
+
+def engine_tok_s(lm: LoadedModel, runner: ModelRunner[PagedKVCache], clients: int, in_len: int, out_len: int) -> float:
+    """Output tokens/s of ``clients`` greedy requests sent at once to an engine core over ``runner``
+    (the paged scheduler, no speculation), driven on this thread as the server's engine thread
+    drives it (under ``inference_mode``, as the warm-up compiled), with no HTTP in between."""
+    sched = SchedulerConfig(max_seqs=max(clients, 1), max_num_batched_tokens=2048)
     blocks = BlockManager(runner.cache.num_blocks, runner.cache.block_size, enable_prefix_caching=False)
     core = EngineCore(PagedScheduler(sched, runner.max_len, lm.eos_token_ids, blocks), runner)
     rng = random.Random(clients)
@@ -123,8 +131,9 @@ def engine_tok_s(lm: LoadedModel, kernels: str, graphs: bool, clients: int, in_l
         prompt = tuple(rng.randrange(3, lm.model.config.vocab_size) for _ in range(in_len))
         core.add(Entry(GenerationRequest(f"r{i}", prompt, params, time.monotonic()), asyncio.Queue()))
     t0, tokens = time.perf_counter(), 0
-    while core.has_work():
-        tokens += sum(isinstance(item, TokenEvent) for _, item in core.step())
+    with torch.inference_mode():
+        while core.has_work():
+            tokens += sum(isinstance(item, TokenEvent) for _, item in core.step())
     return tokens / (time.perf_counter() - t0)
 
 
@@ -146,8 +155,12 @@ def main() -> None:
     lm = random_model(device, dtype, ns.smoke)
     in_len, out_len = (8, 4) if ns.smoke else (128, 128)
     runs = [("torch", False), ("triton", False), ("triton", True)] if device.type == "cuda" or ns.smoke else []
-    out["engine_tok_s"] = {f"{k}{'+graphs' if g else ''}@{c}": round(engine_tok_s(lm, k, g, c, in_len, out_len), 1)
-                           for k, g in runs for c in ((1, 2) if ns.smoke else (1, 64))}
+    loads = (1, 2) if ns.smoke else (1, 64)
+    out["engine_tok_s"] = {}
+    for kernels, graphs in runs:
+        runner = engine_runner(lm, kernels, graphs, max(loads), in_len, out_len)
+        for c in loads:
+            out["engine_tok_s"][f"{kernels}{'+graphs' if graphs else ''}@{c}"] = sig(engine_tok_s(lm, runner, c, in_len, out_len))
     print(json.dumps(out, indent=1))
 
 

@@ -7,6 +7,9 @@ loaded model, prefills each batch sequence with ``--context`` tokens, then times
 (``ModelRunner.forward``: plans, layers, LM head) alternately, three rounds, best of each, and
 prints the ratio; then a torch.profiler breakdown of each (ms per step by op: the matmuls, the
 attention, the rest, and the Python / dynamo entry costs). No HTTP, no sampling: the model only.
+With ``--engine-clients 1,16`` it then drives the whole engine core (scheduler, runner, sampler;
+still no HTTP) with that many concurrent requests on each path: the server's cost is the
+difference from ``bench``'s figures.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step07_paged_kv.model_runner import PagedCacheConfig
 from step08_quant.model_runner import build_quant_runner
 from step08_quant.quantize import QuantConfig
+from step10_kernels.gpu_bench import engine_tok_s
 from step10_kernels.model_runner import KernelsConfig, kernels_runner
 
 GROUPS = {"matmul": ("linear_pointwise", "aten::mm", "aten::addmm", "int8pack_mm", "int4pack_mm"),
@@ -66,9 +70,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192, help="tokens in each sequence's cache (128 in + 64 out)")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--engine-clients", default="", type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="also drive the engine (scheduler, runner, sampler; no HTTP) with this many concurrent "
+                         "requests of 128 prompt and 128 output tokens (bench's default), each path, e.g. 1,16")
     ns = ap.parse_args()
     lm = load_model(ModelConfig(model=ns.model))
-    blocks = max(ns.batches) * (-(-(ns.context + 2) // 16)) + 2
+    blocks = max(ns.batches + ns.engine_clients) * (-(-max(ns.context + 2, 256) // 16) + 1) + 2
     build = lambda cfg: build_quant_runner(lm, cfg, PagedCacheConfig(num_kv_blocks=blocks), QuantConfig(ns.quantization), False)  # noqa: E731
     runners = {k: kernels_runner(lm, RunnerConfig(), KernelsConfig(kernels=k), build) for k in ("torch", "compile")}
     print(f"model {ns.model}, quantization {ns.quantization}, {torch.get_num_threads()} threads, cpu flags "
@@ -88,6 +95,10 @@ def main() -> None:
             for k, r in runners.items():
                 parts = breakdown(r, steps[k][1])
                 print(f"  {k:8s} " + ", ".join(f"{g} {v:.1f}" for g, v in sorted(parts.items(), key=lambda x: -x[1])))
+    for clients in ns.engine_clients:  # over the same runners: the compiled one compiles nothing more
+        tok_s = {k: engine_tok_s(lm, r, clients, 128, 128) for k, r in runners.items()}
+        print(f"engine, {clients} clients, 128 in / 128 out: eager {tok_s['torch']:.1f} tok/s, "
+              f"compiled {tok_s['compile']:.1f}, x{tok_s['compile'] / tok_s['torch']:.2f}")
 
 
 if __name__ == "__main__":
