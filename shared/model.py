@@ -11,8 +11,8 @@ logits_indices)`` gets everything it reads or writes as arguments: the packed to
 prefills and decodes, a cache object (:mod:`shared.kv_cache`) and the metadata saying where each
 token's K/V goes and what each sequence reads (:mod:`shared.attention`). No globals, no state
 between calls. Later steps transform this model (quantize linears, shard heads, swap the attention
-backend or the layer runner); the model never checks for them. Parameter names are transformers' (minus ``model.``),
-so checkpoints load as they are.
+backend or the layer runner); the model never checks for them. Parameter names are transformers'
+(minus ``model.``), so checkpoints load as they are.
 
 Left out: RoPE scalings other than default/linear, multimodal Gemma, training, dropout, and fused
 QKV / gate-up projections (fewer ops per layer, but names, quantization and TP stay one-to-one
