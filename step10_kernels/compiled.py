@@ -36,23 +36,20 @@ from shared.kv_cache import KVCache
 from shared.model import DecoderLayer, Rope, Transformer
 
 
-@torch.library.custom_op("stepserve::linear", mutates_args=())
-def shape_dispatched_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [rows, in]`` times ``weight [out, in]``: one row through MKL's GEMV on the dense weight,
-    more through oneDNN's prepacked GEMM. An op inductor calls but does not trace into."""
-    if x.shape[0] == 1:
-        return F.linear(x, weight, bias)
+@torch.library.custom_op("stepserve::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [rows, in]`` times a oneDNN-prepacked weight: an op inductor calls but does not trace into."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@shape_dispatched_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+@onednn_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class ShapeDispatchedLinear(nn.Module):
-    """A linear layer with two kernels chosen per call by the number of rows (measured: README)."""
+    """A linear layer with two kernels chosen per call by the number of rows (measured: README):
+    one row through MKL's GEMV on the dense weight, more through oneDNN's prepacked GEMM."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -61,10 +58,10 @@ class ShapeDispatchedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        if lead.numel() == 1:  # known when dynamo traces (it specializes one row): plain aten, no custom op
+        if lead.numel() == 1:  # known when dynamo traces (it specializes one row): plain aten.mm
             return F.linear(x, self.weight, self.bias)
-        return shape_dispatched_linear(x.reshape(-1, self.weight.shape[1]), self.weight, self.packed, self.bias
-                                       ).view(*lead, self.weight.shape[0])
+        out_features, in_features = self.weight.shape
+        return onednn_linear(x.reshape(-1, in_features), self.packed, self.bias, out_features).view(*lead, out_features)
 
 
 def _first(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -82,8 +82,7 @@ def attention_point(device: torch.device, seqs: int, ctx: int, hkv: int, group: 
     b = build_batch([[0]] * seqs, [ctx] * seqs, tables, bs, device)
     q = torch.randn(seqs, hkv * group, dim, dtype=dtype, device=device)
     k = torch.randn(seqs, hkv, dim, dtype=dtype, device=device)
-    tri = TritonAttentionBackend(target_programs=2 * torch.cuda.get_device_properties(device).multi_processor_count
-                                 if device.type == "cuda" else 0)
+    tri = TritonAttentionBackend.for_device(device)
     plan = tri.plan(b.attn_metadata, cache, seqs, None, group)
     cache.write(0, k, k, b.attn_metadata.slot_mapping)
     if check:

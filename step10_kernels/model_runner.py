@@ -26,6 +26,7 @@ from shared.config import flag_field
 from shared.models import LoadedModel
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig, resolve_linear_backend
 from step07_paged_kv.paged_cache import PagedKVCache
+from step10_kernels.compiled import compile_layers, compiled_graphs
 
 log = logging.getLogger("step10_kernels")
 KERNELS = ("auto", "torch", "triton", "compile")
@@ -73,12 +74,9 @@ def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig
     if kind == "triton":
         from step10_kernels.triton_layers import TritonAttentionBackend, use_triton_kernels
 
-        sms = torch.cuda.get_device_properties(runner.device).multi_processor_count if runner.device.type == "cuda" else 0
-        use_triton_kernels(runner.model, TritonAttentionBackend(cfg.attention_splits, target_programs=2 * sms))
+        use_triton_kernels(runner.model, TritonAttentionBackend.for_device(runner.device, cfg.attention_splits))
         log.info("kernels triton: warming up (JIT-compiling the kernels)...")
     elif kind == "compile":
-        from step10_kernels.compiled import compile_layers
-
         if compile_layers(runner.model, dispatch):
             runner.details["linear_backend"] = "shape-dispatched (1 row: MKL GEMV on the dense weight; more: oneDNN prepacked)"
         log.info("kernels compile: compiling the pieces between attention calls for 1 and N tokens "
@@ -87,8 +85,6 @@ def kernels_runner(lm: LoadedModel, runner_cfg: RunnerConfig, cfg: KernelsConfig
         took = warm_up(runner)
         runner.details["compile_s"] = f"{took:.1f}"
         if kind == "compile":
-            from step10_kernels.compiled import compiled_graphs
-
             runner.details["compile_graphs"] = str(compiled_graphs())
         log.info("kernels %s: warm-up done in %.1f s", kind, took)
     return runner

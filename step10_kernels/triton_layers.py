@@ -35,6 +35,12 @@ class TritonAttentionBackend:
             raise ValueError(f"num_splits: must be a power of two, got {num_splits}")
         self.num_splits, self.target_programs = num_splits, target_programs
 
+    @classmethod
+    def for_device(cls, device: torch.device, num_splits: int = 0) -> TritonAttentionBackend:
+        """Splits chosen to give a CUDA device two programs per SM (none on a CPU)."""
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        return cls(num_splits, target_programs=2 * sms)
+
     def splits_for(self, md: AttentionMetadata, num_kv_heads: int, block_size: int) -> int:
         if self.num_splits:
             return self.num_splits
