@@ -180,17 +180,21 @@ def context_len(cfg: ModelConfig, model_config: object) -> int:
     return min(cfg.max_model_len, limit) if cfg.max_model_len > 0 else limit
 
 
-def load_info(cfg: ModelConfig) -> ModelInfo:
-    """Tokenizer and config only, no weights: what the API needs before any request."""
+def load_config(cfg: ModelConfig) -> object:
+    """The model's transformers config (its text part), no weights."""
     from shared.tiny import tiny_config
 
     if cfg.model in TINY_ALIASES:
-        config = tiny_config(cfg.model)
-    else:
-        from transformers import AutoConfig
+        return tiny_config(cfg.model)
+    from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_path(cfg.model))
-        config = getattr(config, "text_config", config)
+    config = AutoConfig.from_pretrained(resolve_path(cfg.model))
+    return getattr(config, "text_config", config)
+
+
+def load_info(cfg: ModelConfig) -> ModelInfo:
+    """Tokenizer and config only, no weights: what the API needs before any request."""
+    config = load_config(cfg)
     return ModelInfo(name=served_name(cfg), tokenizer=load_tokenizer(cfg),
                      max_model_len=context_len(cfg, config), vocab_size=config.vocab_size)
 

@@ -13,13 +13,15 @@ from shared.config import ServerConfig, build_parser, from_args
 def run_step(prog: str, doc: str | None, assemble: Callable[[argparse.Namespace], FastAPI], *configs: type,
              argv: list[str] | None = None,
              uvicorn_options: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
-             defaults: Mapping[str, Any] | None = None) -> None:
+             defaults: Mapping[str, Any] | None = None,
+             validate: Callable[[argparse.Namespace], None] | None = None) -> None:
     """The whole ``__main__`` of a step: its own config dataclasses come in ``configs``.
 
     ``assemble`` builds the step's engine from its parts and the app around it (the shared API,
     plus whatever routes and middleware the step adds) from the parsed flags; ``uvicorn_options``
     overrides uvicorn's settings (e.g. the graceful-shutdown timeout); ``defaults`` changes an
-    earlier step's flag default for this step (``{"RunnerConfig.kv_cache_gib": 0.75}``).
+    earlier step's flag default for this step (``{"RunnerConfig.kv_cache_gib": 0.75}``);
+    ``validate`` checks flags against each other or the model's shape (a ValueError is a usage error).
     """
     import uvicorn
 
@@ -32,6 +34,11 @@ def run_step(prog: str, doc: str | None, assemble: Callable[[argparse.Namespace]
             from_args(cls, ns)
         except ValueError as e:
             parser.error(str(e))
+    try:
+        if validate is not None:
+            validate(ns)
+    except ValueError as e:
+        parser.error(str(e))
     server = from_args(ServerConfig, ns)
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = assemble(ns)

@@ -62,6 +62,10 @@ class EngineStats:
     policies: dict[str, Any]  # name -> that policy's stats dataclass
 
 
+class RunnerFailed(RuntimeError):
+    """The model runner reported it cannot serve any more (its ``failure()``)."""
+
+
 class AsyncEngine:
     def __init__(self, model: ModelConfig, build_core: Callable[[LoadedModel], EngineCore],
                  request_policies: Seq[RequestPolicy] = ()) -> None:
@@ -98,24 +102,27 @@ class AsyncEngine:
         return self._info
 
     def error(self) -> str | None:
+        """Why the engine cannot serve: its thread died, or its runner failed (a dead worker)."""
+        if self._error is None and (core := self.core) is not None:
+            return core.runner.failure()
         return self._error
 
     def _refusal(self) -> RequestError:
         """The 503 for a request that cannot enter: the engine thread died, or it is stopping."""
-        if self._error is not None:
-            return engine_failed(self._error)
+        if (error := self.error()) is not None:
+            return engine_failed(error)
         return RequestError("the engine is shutting down", status=503, type="service_unavailable",
                             code="shutting_down")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestFacts | TokenEvent]:
-        if self._error is not None or self._stopping:
+        if self.error() is not None or self._stopping:
             raise self._refusal()
         self._arrive(request)  # a policy's refusal is raised here, before any work
         entry = Entry(request, asyncio.Queue())
         self._live.setdefault(request.request_id, []).append(entry)
         self._inbox.put(entry)
         try:
-            if self._error is not None or self._stopping:  # just now: the inbox may have been drained
+            if self.error() is not None or self._stopping:  # just now: the inbox may have been drained
                 raise self._refusal()
             while (item := await entry.out.get()) is not DONE:
                 if isinstance(item, BaseException):
@@ -198,13 +205,21 @@ class AsyncEngine:
         if core is None:
             return
         try:
+            self._serve(core)
+        finally:
+            core.runner.close()
+
+    def _serve(self, core: EngineCore) -> None:
+        try:
             with torch.inference_mode():
                 while self._admit(core, block=not core.has_work()):
                     if core.has_work():
                         self._flush(core.step())
+                    if (failure := core.runner.failure()) is not None:  # e.g. a worker process died
+                        raise RunnerFailed(failure)
         except BaseException as e:  # the thread dies: /health says so, and nothing may wait forever
             log.exception("engine thread failed")
-            self._error = f"engine thread died: {type(e).__name__}: {e}"
+            self._error = str(e) if isinstance(e, RunnerFailed) else f"engine thread died: {type(e).__name__}: {e}"
             self._flush(self._fail_all(core))
             self._flush(self._refuse_inbox())
             return  # logged above; the thread ends here

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Generic, Mapping, TypeVar
+from typing import Callable, Generic, Mapping, TypeVar
 
 import torch
 
@@ -75,10 +75,14 @@ def cache_row_len(model_len: int, explicit: bool, max_seqs: int, bytes_per_token
     return fits
 
 
-def build_model(lm: LoadedModel, cfg: RunnerConfig) -> Transformer:
+def build_model(lm: LoadedModel, cfg: RunnerConfig,
+                shard: Callable[[Transformer], Transformer] | None = None) -> Transformer:
     """Our Transformer over the loaded weights (shared, not copied), with the transforms the flags
-    choose (here the linear backend; later steps add theirs)."""
+    choose (here the linear backend; later steps add theirs). ``shard``: a later step's transform
+    of the float model before any other (step 11's tensor-parallel slicing)."""
     model = Transformer.from_hf_model(lm.model)
+    if shard is not None:
+        model = shard(model)
     if resolve_linear_backend(cfg.linear_backend, lm.device, lm.dtype) == "onednn":
         model = use_onednn_linears(model)
     return model
@@ -122,6 +126,14 @@ class ModelRunner(Generic[C]):
         """Logits ``[rows that sample + prompt-logprob rows, vocab]``; writes the new tokens' K/V."""
         return self.model(inputs.input_ids, inputs.positions, self.cache, inputs.attn_metadata,
                           inputs.logits_indices)
+
+    def failure(self) -> str | None:
+        """Why this runner can no longer serve (a runner whose ranks live in other processes, step
+        11, finds one dead); None while it can. The engine reads it after every step and on ``/health``."""
+        return None
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (step 11's worker processes)."""
 
 
 def build_contiguous_runner(lm: LoadedModel, sched: SchedulerConfig, cfg: RunnerConfig,

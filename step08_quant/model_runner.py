@@ -7,6 +7,7 @@ on ``/health`` and ``/v1/models`` under ``model``. ``none`` is step 07's runner 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -19,14 +20,17 @@ from step08_quant.quantize import QuantConfig, log, plan, quantized_model, weigh
 
 
 def build_quant_runner(lm: LoadedModel, cfg: RunnerConfig, cache_cfg: PagedCacheConfig, quant: QuantConfig,
-                       explicit_len: bool) -> ModelRunner[PagedKVCache]:
+                       explicit_len: bool, shard: Callable[[Transformer], Transformer] | None = None
+                       ) -> ModelRunner[PagedKVCache]:
+    """``shard`` (step 11) slices the float model first: shard, then quantize."""
     p = plan(quant, lm.device)
     t0 = time.perf_counter()
     if p.scheme == "none":
-        model = build_model(lm, cfg)  # step 07's float32 model and linear backend
+        model = build_model(lm, cfg, shard)  # step 07's float32 model and linear backend
         details = model_details(lm, cfg)
     else:
-        model = quantized_model(Transformer.from_hf_model(lm.model), p)
+        model = Transformer.from_hf_model(lm.model)
+        model = quantized_model(shard(model) if shard is not None else model, p)
         details = {"dtype": p.activation_dtype}
     details |= {"quantization": p.scheme, "quantization_group_size": str(p.group_size or ""),
                 "kernels": p.kernels, "cpu_flags": " ".join(p.cpu_flags),

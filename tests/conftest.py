@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
          "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant", "step09_speculative",
-         "step10_kernels")  # built so far, in order
+         "step10_kernels", "step11_multigpu")  # built so far, in order
 # Flags under which a step's greedy output must equal transformers' token for token (guide §3):
 # quantization changes outputs by design, so step 08 is held to it with --quantization none, and
 # its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
@@ -32,7 +32,10 @@ SMALL_POOL = ("--kv-cache-gib", "0.0625")
 EXACT_FLAGS: dict[str, tuple[str, ...]] = {
     "step08_quant": ("--quantization", "none", *SMALL_POOL),
     "step09_speculative": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),
-    "step10_kernels": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL)}  # compiled (auto)
+    "step10_kernels": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),  # compiled (auto)
+    # two ranks (one core each), compiled: token for token the one-rank engine's, hence transformers'
+    "step11_multigpu": ("--tensor-parallel-size", "2", "--quantization", "none", "--speculative-max-verify-tokens",
+                        "0", *SMALL_POOL)}
 
 
 def free_port() -> int:

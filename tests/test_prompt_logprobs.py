@@ -12,13 +12,15 @@ import torch
 from tests.conftest import EXACT_FLAGS, SMALL_POOL
 from tests.helpers import prompt_ids, reference_model
 
-ENGINE_STEPS = ("step04_kvcache", "step07_paged_kv", "step08_quant", "step09_speculative", "step10_kernels")
+ENGINE_STEPS = ("step04_kvcache", "step07_paged_kv", "step08_quant", "step09_speculative", "step10_kernels",
+                "step11_multigpu")
 PROMPT = "The capital of France is Paris, and the capital of Spain is"
 
 
 def flags(step: str, *more: str) -> tuple[str, ...]:
-    """Steps 08 to 10 as float32 (exact); steps 07 on with a small pool (memory: conftest's release_all)."""
-    if step in ("step08_quant", "step09_speculative", "step10_kernels"):
+    """Steps 08 to 11 as float32 (exact; 11 with two ranks); steps 07 on with a small pool (memory:
+    conftest's release_all)."""
+    if step in ("step08_quant", "step09_speculative", "step10_kernels", "step11_multigpu"):
         return (*EXACT_FLAGS[step], *more)
     return (*SMALL_POOL, *more) if step == "step07_paged_kv" else more
 
@@ -51,7 +53,8 @@ def test_prompt_logprobs_equal_transformers_and_the_prompt_is_echoed(servers, st
     assert lp["text_offset"][:n] == sorted(lp["text_offset"][:n])
 
 
-@pytest.mark.parametrize("step", ["step07_paged_kv", "step08_quant", "step09_speculative", "step10_kernels"])
+@pytest.mark.parametrize("step", ["step07_paged_kv", "step08_quant", "step09_speculative", "step10_kernels",
+                                  "step11_multigpu"])
 def test_prompt_logprobs_are_whole_past_the_prefix_cache_and_across_chunks(servers, step: str) -> None:
     url = servers(step, "tiny-llama", *flags(step, "--block-size", "4", "--max-num-batched-tokens", "16")).url
     prompt = PROMPT * 2  # more tokens than one step's budget: prefilled in chunks
