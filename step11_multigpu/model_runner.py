@@ -84,11 +84,13 @@ def pin(spec: RankSpec, rank: int) -> None:
 def build_rank_runner(lm: LoadedModel, spec: RankSpec, rank: int) -> ModelRunner[PagedKVCache]:
     """Step 10's runner over rank ``rank``'s slice: shard the float model, quantize (step 08),
     wrap the vocabulary, then the kernels (step 10) and their warm-up (collective: all ranks)."""
-    shard = functools.partial(shard_model, rank=rank, world_size=spec.world_size)
+    split = spec.world_size > 1  # one rank: step 10's runner as it is
+    shard = functools.partial(shard_model, rank=rank, world_size=spec.world_size) if split else None
 
     def build(cfg: RunnerConfig) -> ModelRunner[PagedKVCache]:
         runner = build_quant_runner(lm, cfg, spec.cache, spec.quant, spec.explicit_len, shard)
-        parallel_vocab(runner.model, rank, spec.world_size)
+        if split:
+            parallel_vocab(runner.model, rank, spec.world_size)
         return runner
 
     runner = kernels_runner(lm, spec.runner, spec.kernels, build)
