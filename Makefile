@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STEP ?= step10_kernels# the newest step
+STEP ?= step11_multigpu# the newest step
 MODEL ?= gemma-3-270m
 HOST ?= 127.0.0.1
 PORT ?= 8000

@@ -35,8 +35,8 @@ def test_bad_sizes_are_usage_errors_naming_the_flag(flags: list[str], named: str
 
 
 def test_more_ranks_than_cores_is_a_usage_error() -> None:
-    r = subprocess.run([sys.executable, "-m", "step11_multigpu", "--model", "tiny-llama", "--tensor-parallel-size", "2"],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+    cmd = [sys.executable, "-m", "step11_multigpu", "--model", "tiny-llama", "--tensor-parallel-size", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
                        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))  # one core
     assert r.returncode == 2, r.stderr[-500:]
     assert "--tensor-parallel-size 2: more ranks than the 1 CPU cores" in r.stderr.splitlines()[-1]
