@@ -69,6 +69,11 @@ def gguf_path() -> Path:
     return target
 
 
+def prepared(cfg: ModelConfig) -> bool:
+    """Whether ``cfg.model`` loads without the one-time conversion first."""
+    return cfg.model != GEMMA_ALIAS or (cache_dir() / "hf" / GEMMA_ALIAS / "config.json").exists()
+
+
 def gemma_hf_dir() -> Path:
     """The converted Hugging Face directory of the default model (converted on first use)."""
     target = cache_dir() / "hf" / GEMMA_ALIAS

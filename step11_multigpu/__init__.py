@@ -2,7 +2,7 @@
 
 Central rule: rank 0 decides, every rank computes. Rank 0 runs the API, the scheduler and the
 sampler; each step it sends the prepared batch to the N - 1 worker processes, and every rank runs
-the same forward over its slice of every layer (``apply_tp``'s column/row scheme: heads and MLP
+the same forward over its slice of every layer (``tp.apply_tp``'s column/row scheme: heads and MLP
 features split, two all-reduces per layer, the vocabulary split with its logits gathered on rank
 0). ``gloo`` on a CPU (each rank pinned to its own cores), ``nccl`` on GPUs (one per rank).
 

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from shared.config import ModelConfig, from_args
 from shared.model import ModelArgs
-from shared.models import load_config
+from shared.models import load_config, prepared
 from shared.server import run_step
 from step04_kvcache.model_runner import RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
@@ -46,6 +46,17 @@ def rank_spec(ns: argparse.Namespace, tp: TPConfig) -> RankSpec:
                     init_method=f"file://{rendezvous}", timeout_s=tp.distributed_timeout)
 
 
+def model_args(cfg: ModelConfig) -> ModelArgs | None:
+    """The model's shape, if its config can be read without converting or downloading anything;
+    else None, and ``shard_model`` refuses a bad split at load instead (a clear error on /health)."""
+    if not prepared(cfg):
+        return None
+    try:
+        return ModelArgs.from_hf_config(load_config(cfg))
+    except OSError:
+        return None
+
+
 def validate(ns: argparse.Namespace) -> None:
     """Usage errors before anything loads: sizes the model cannot be split into, more ranks than
     cores (or GPUs), and the parts that cannot run across ranks."""
@@ -53,7 +64,8 @@ def validate(ns: argparse.Namespace) -> None:
     n = tp.tensor_parallel_size
     if n == 1:
         return
-    check_tp(ModelArgs.from_hf_config(load_config(from_args(ModelConfig, ns))), n)
+    if (args := model_args(from_args(ModelConfig, ns))) is not None:
+        check_tp(args, n)
     if from_args(SpeculativeConfig, ns).speculative_method == "draft":
         raise ValueError(f"--speculative-method draft runs its draft model on rank 0 alone; with {FLAG} {n} "
                          f"use ngram or none")

@@ -12,12 +12,15 @@ never decide anything: they wait for a batch, run it, and wait again.
                                └─ forward(batch) ◄── all-reduce ───┘ (twice a layer)
                      sampler ◄── logits gathered on rank 0
 
-Failure rules: a worker that dies is seen at once (its process sentinel, watched by a thread; a
-collective with it fails at once too, gloo says "connection closed by peer"), and
-:meth:`TPRunner.failure` says which rank and how, so ``/health`` turns to ``failed`` and requests
-get a fast 503. A worker dies with rank 0: ``PR_SET_PDEATHSIG`` and the pipe's end of file; on a
-clean shutdown rank 0 sends each worker ``None`` and joins it. A worker that fails while loading
-sends its error over the pipe before it exits, and rank 0's start-up fails with that message.
+Failure rules: a worker that dies is seen at once (its process sentinel, watched by a thread; on
+gloo a collective with it fails at once too, "connection closed by peer"; on NCCL a collective in
+flight waits out ``--distributed-timeout``), and :meth:`TPRunner.failure` says which rank and how,
+so ``/health`` turns to ``failed`` and requests get a fast 503. Rank 0 failing inside a forward is
+a failure too (the ranks would be out of step). The workers are started from the engine thread
+and die with it (``PR_SET_PDEATHSIG`` is per thread: whether the thread ends cleanly, fails or its
+process is killed) and on the pipe's end of file; on a clean shutdown rank 0 sends each worker
+``None`` and joins it. A worker that fails while loading sends its error over the pipe before it
+exits, and rank 0's start-up fails with that message.
 
 Left out: the workers preparing their own inputs from the scheduler's output (vLLM broadcasts
 that instead, to keep rank 0's CPU time off the critical path), a shared-memory ring buffer in
@@ -32,8 +35,10 @@ import logging
 import multiprocessing.connection as mpc
 import os
 import pickle
+import shutil
 import signal
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -67,7 +72,8 @@ def join_group(spec: RankSpec, rank: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: the kernel sends this process SIGKILL when its parent (rank 0) exits, however it exits."""
+    """Linux: the kernel sends this process SIGKILL when the thread that started it (rank 0's
+    engine thread) ends, however it ends."""
     try:
         import ctypes
 
@@ -183,21 +189,27 @@ class Workers:
             conn.send_bytes(data)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Tell every worker to stop, and make sure each one did (terminate, then kill)."""
+        """Tell every worker to stop, and make sure each one did within ``timeout_s`` in all
+        (then terminate, then kill); remove the rendezvous file's directory."""
         self._closing = True
         for conn in self.conns:
             try:
                 conn.send_bytes(pickle.dumps(None))
             except OSError:  # already gone
                 pass
+        deadline = time.monotonic() + timeout_s
         for proc in self.procs:
-            proc.join(timeout_s)
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(2)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        rendezvous = self.spec.init_method.removeprefix("file://")
+        if rendezvous != self.spec.init_method:
+            shutil.rmtree(os.path.dirname(rendezvous), ignore_errors=True)
 
 
 def _describe(code: int | None) -> str:
@@ -208,11 +220,13 @@ def _describe(code: int | None) -> str:
 
 class TPRunner(ModelRunner[PagedKVCache]):
     """Rank 0's runner: the engine's runner (its ``prepare`` and model), whose every forward is
-    first sent to the workers."""
+    first sent to the workers. It is the outermost wrapper (step 09's verifier and step 10's graphs
+    sit inside), so its ``failure`` and ``close`` are the ones the engine calls."""
 
     def __init__(self, inner: ModelRunner[PagedKVCache], workers: Workers) -> None:
         super().__init__(inner.model, inner.cache, inner.device, inner.max_len, inner.details)
         self.inner, self.workers = inner, workers
+        self._broken: str | None = None
         self.details["tensor_parallel_workers"] = " ".join(map(str, workers.pids))
 
     def prepare(self, out: Any) -> BatchInputs:
@@ -222,17 +236,23 @@ class TPRunner(ModelRunner[PagedKVCache]):
         try:
             self.workers.send(inputs)
             return self.inner.forward(inputs)
-        except (OSError, RuntimeError) as e:  # a broken pipe, or gloo's "connection closed by peer"
-            if (failure := self.workers.failure(wait_s=2.0)) is not None:
-                raise engine_failed(failure) from e
-            raise
+        except Exception as e:
+            # A broken pipe or gloo's "connection closed by peer": a worker died. Anything else on
+            # rank 0 after the send (out of memory, a collective's timeout) leaves the workers
+            # inside this forward's collectives, and the next step's would pair with them: the
+            # ranks are out of step for good, so it is a failure of the runner, not of one step.
+            if self.workers.failure(wait_s=2.0) is None:
+                self._broken = f"tensor-parallel rank 0 failed inside a forward, the ranks are out of step " \
+                               f"({type(e).__name__}: {e}); restart the server"
+            raise engine_failed(self.failure() or "") from e
 
     def failure(self) -> str | None:
-        return self.workers.failure()
+        return self.workers.failure() or self._broken
 
     def close(self) -> None:
+        clean = self.failure() is None
         self.workers.close()
-        if dist.is_initialized():
+        if clean and dist.is_initialized():  # after a failure a collective may never return: skip
             dist.destroy_process_group()
 
 

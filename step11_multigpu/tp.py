@@ -20,9 +20,10 @@ one), each rank keeps the one its query heads read (replicated, as vLLM does). E
 holds only its own KV heads. Sums run in another order than one device's matmul, so outputs may
 differ in the last bits (the tests say where that matters).
 
-Applied in two parts around step 08's ``quantize`` (shard, then quantize): :func:`shard_model`
-slices the float model, then any transform replaces the (now smaller) linears as it would on one
-device; :func:`parallel_vocab` finally wraps whatever embedding and head modules are left, since
+:func:`apply_tp` is the whole transform of a float model. The engine applies it in its two halves
+around step 08's ``quantize`` (shard, then quantize): :func:`shard_model` slices the float model,
+then any transform replaces the (now smaller) linears as it would on one device; and
+:func:`parallel_vocab` finally wraps whatever embedding and head modules are left, since
 ``quantize`` rebuilds those two. ``shared/model.py`` never checks for any of it.
 
 The collectives run on the process's default group (``torch.distributed``'s one per process); the
@@ -197,3 +198,8 @@ def parallel_vocab(model: Transformer, rank: int, world_size: int) -> Transforme
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, rank, n)
     model.lm_head = VocabParallelHead(model.lm_head, rank, world_size, model.args.vocab_size)
     return model
+
+
+def apply_tp(model: Transformer, rank: int, world_size: int) -> Transformer:
+    """The whole transform of a float model (in place): rank ``rank`` of ``world_size``'s slice."""
+    return parallel_vocab(shard_model(model, rank, world_size), rank, world_size)

@@ -25,14 +25,18 @@ STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", 
 # Flags under which a step's greedy output must equal transformers' token for token (guide §3):
 # quantization changes outputs by design, so step 08 is held to it with --quantization none, and
 # its schemes' change is measured instead (tests/step08_quant, step08_quant.quality).
-# Step 08 servers in tests get a small KV pool: its default (0.75 GiB, touched at start-up) is
-# sized for the real model, and the suite keeps a dozen servers alive at once.
+# Paged steps' servers in tests get a small KV pool: step 07's default (4 GiB, touched at
+# start-up: 4.6 GB resident) and step 08's (0.75 GiB) are sized for the real model, and the suite
+# keeps a dozen servers alive at once (two default step 07s and step 11's ranks were one too
+# many: the OOM killer took a server).
 SMALL_POOL = ("--kv-cache-gib", "0.0625")
 # Step 09 is held to it with speculation in every step, whatever the batch (its n-gram default).
 EXACT_FLAGS: dict[str, tuple[str, ...]] = {
+    "step07_paged_kv": SMALL_POOL,
     "step08_quant": ("--quantization", "none", *SMALL_POOL),
     "step09_speculative": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),
-    "step10_kernels": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),  # compiled (auto)
+    # compiled (auto)
+    "step10_kernels": ("--quantization", "none", "--speculative-max-verify-tokens", "0", *SMALL_POOL),
     # two ranks (one core each), compiled: token for token the one-rank engine's, hence transformers'
     "step11_multigpu": ("--tensor-parallel-size", "2", "--quantization", "none", "--speculative-max-verify-tokens",
                         "0", *SMALL_POOL)}

@@ -71,7 +71,7 @@ def test_prompt_logprobs_are_whole_past_the_prefix_cache_and_across_chunks(serve
 
 
 def test_a_streamed_echo_sends_the_prompt_first(servers) -> None:
-    url = servers("step07_paged_kv", "tiny-gemma3").url
+    url = servers("step07_paged_kv", "tiny-gemma3", *SMALL_POOL).url
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
                       json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 0,
                             "stream": True}) as r:

@@ -12,7 +12,7 @@ from engines_compare.conformance import CHECKS, connect
 from engines_compare.conformance.runner import run_check
 from tests.conftest import SMALL_POOL, STEPS
 
-# Every step with its default flags (step 11 with two ranks), step 08 with each scheme (auto is one of them on this CPU), and
+# Every step with its default flags (paged steps with a small pool: conftest; step 11 with two ranks), step 08 with each scheme (auto is one of them on this CPU), and
 # step 09 with its draft proposer.
 # One known exception: int4 turns tiny-llama's random weights into a model whose 24-token greedy
 # output penalties of 2.0 do not change (penalties_change_output's premise, not the shared
@@ -20,7 +20,8 @@ from tests.conftest import SMALL_POOL, STEPS
 # so that it is noticed if it ever passes.
 KNOWN = {("int4", "penalties_change_output")}
 SCHEMES = [f"step08_quant --quantization {s} {' '.join(SMALL_POOL)}" for s in ("bf16", "int8", "int4")]
-STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step08_quant", "step09_speculative", "step10_kernels") else s
+STEP_TARGETS = [f"{s} {' '.join(SMALL_POOL)}" if s in ("step07_paged_kv", "step08_quant", "step09_speculative",
+                                                         "step10_kernels") else s
                 for s in STEPS if s != "step11_multigpu"]
 # Step 11 with two ranks (with one it is step 10).
 STEP_TARGETS.append(f"step11_multigpu --tensor-parallel-size 2 {' '.join(SMALL_POOL)}")

@@ -7,6 +7,7 @@ import json
 
 import httpx
 
+from tests.conftest import SMALL_POOL
 from tests.helpers import prompt_ids, reference_greedy, server_greedy
 
 STEP = "step07_paged_kv"
@@ -15,7 +16,7 @@ TINY_POOL = ("--block-size", "4", "--num-kv-blocks", "24", "--max-seqs", "4", "-
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(servers) -> None:
-    url = servers(STEP, "tiny-llama").url  # default flags: the server the conformance suite uses
+    url = servers(STEP, "tiny-llama", *SMALL_POOL).url  # the server the conformance suite uses
     prompt = "A long shared system prompt, the same for every request: " * 2
     n = len(prompt_ids("tiny-llama", prompt))
     body = {"prompt": prompt, "max_tokens": 4, "temperature": 0}

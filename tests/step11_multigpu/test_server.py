@@ -127,3 +127,18 @@ def test_a_worker_killed_mid_generation_ends_the_stream_with_an_error(own_server
     assert errors and "rank 1" in errors[0]["message"], events[-3:]
     assert len(events) < 400  # it ended, it did not run on
     assert httpx.get(url + "/health", timeout=5).json()["status"] == "failed"
+
+
+def test_prompts_prefilled_in_chunks_match_transformers(servers) -> None:
+    """A 16-token step budget: a long prompt's first chunks sample nothing, so the logits gather
+    carries zero rows; the ranks must stay in step through it."""
+    from tests.helpers import PROMPTS, prompt_ids, reference_greedy, server_greedy
+
+    flags = (*EXACT_FLAGS["step11_multigpu"], "--max-num-batched-tokens", "16")
+    url = servers("step11_multigpu", "tiny-llama", *flags).url
+    for prompt in PROMPTS[3:]:
+        ids = prompt_ids("tiny-llama", prompt)
+        assert len(ids) > 32  # three chunks at least
+        ref, _ = reference_greedy("tiny-llama", ids, 20, stop_at_eos=False)
+        got, _, _ = server_greedy(url, ids, 20, stop_at_eos=False)
+        assert got == ref, prompt
