@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from shared import protocol as P
+from shared.openapi import document
 from shared.engine import Engine, GenerationRequest, ModelInfo, RequestFacts
 from shared.errors import RequestError, engine_failed
 from shared.request_id import RequestIdMiddleware
@@ -337,4 +338,5 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
     app.get("/v1/models")(server.models)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
+    document(app)  # the bodies these handlers parse themselves, and their answers
     return app

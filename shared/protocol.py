@@ -7,7 +7,7 @@ default to 16 tokens, chat completions to whatever context is left after the pro
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,38 +23,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def doc(default: Any, description: str, **schema: Any) -> Any:
+    """A field's default and what ``/docs`` says of it. ``schema``: its range for the OpenAPI schema
+    only (``minimum``, ``maximum``, ``enum`` ...): the checks themselves stay in ``SamplingParams`` and
+    below, so a request without the API is refused the same way and every error names its field."""
+    return Field(default, description=description, json_schema_extra=schema or None)
+
+
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = doc(False, "send a last chunk with the request's usage")
 
 
 class _Common(_Strict):
-    model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens as "token_id:123"
-    user: str | None = None
+    model: str | None = doc(None, "the served model's name (GET /v1/models); omitted: that one")
+    temperature: float | None = doc(None, "0: greedy; default 1", minimum=0)
+    top_p: float | None = doc(None, "nucleus sampling: keep the most likely tokens up to this mass",
+                              exclusiveMinimum=0, maximum=1)
+    top_k: int | None = doc(None, "keep the k most likely tokens; 0 or -1: no limit", minimum=-1)
+    min_p: float | None = doc(None, "drop tokens less likely than min_p x the most likely's", minimum=0, maximum=1)
+    seed: int | None = doc(None, "makes sampling reproducible (choice i of n uses seed + i)",
+                           minimum=-2 ** 63, maximum=2 ** 64 - 1)
+    stop: str | list[str] | None = doc(None, "stop before any of these strings (not included in the text)")
+    stop_token_ids: list[int] | None = doc(None, "stop after any of these token ids")
+    n: int = doc(1, "choices to generate for each prompt", minimum=1, maximum=MAX_N)
+    presence_penalty: float | None = doc(None, "subtract this from tokens already generated", minimum=-2, maximum=2)
+    frequency_penalty: float | None = doc(None, "subtract this times each token's count so far", minimum=-2, maximum=2)
+    stream: bool = doc(False, "answer as server-sent events, one chunk per new text")
+    stream_options: StreamOptions | None = doc(None, "options of a streamed answer")
+    ignore_eos: bool = doc(False, "keep generating past end-of-sequence tokens (vLLM's)")
+    min_tokens: int = doc(0, "generate at least this many tokens before any stop (vLLM's)", minimum=0)
+    return_tokens_as_token_ids: bool = doc(False, "logprob tokens as \"token_id:123\" (vLLM's)")
+    user: str | None = doc(None, "the end user, for logs (OpenAI's)")
     # Seconds this request may take, from its arrival (the OpenAI SDK's name and unit for its own
     # per-request timeout; send it with extra_body). Honoured by step 06 on; earlier steps ignore it.
-    timeout: float | None = None
+    timeout: float | None = doc(None, "seconds from arrival the request may take (step 06 on): "
+                                "a 504 before its first token, else finish_reason length", exclusiveMinimum=0)
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="one prompt or several (text, or token ids)")
+    max_tokens: int | None = doc(COMPLETION_DEFAULT_MAX_TOKENS, "most tokens to generate", minimum=1)
+    logprobs: int | None = doc(None, "the log-probabilities of this many most likely tokens at each step",
+                               minimum=0, maximum=MAX_LOGPROBS)
+    echo: bool = doc(False, "the prompt first, with its log-probabilities when logprobs is set (step 04 on)")
 
 
 class TextPart(_Strict):
@@ -64,7 +76,7 @@ class TextPart(_Strict):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
+    role: str = Field(description="who speaks", json_schema_extra={"enum": list(CHAT_ROLES)})
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -76,11 +88,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far, rendered by the "
+                                        "model's chat template")
+    max_tokens: int | None = doc(None, "most tokens to generate (default: what the context leaves)", minimum=1)
+    max_completion_tokens: int | None = doc(None, "OpenAI's newer name for max_tokens", minimum=1)
+    logprobs: bool = doc(False, "return each generated token's log-probability")
+    top_logprobs: int | None = doc(None, "and this many most likely alternatives (needs logprobs)",
+                                   minimum=0, maximum=MAX_LOGPROBS)
 
 
 def prompt_list(req: CompletionRequest) -> list[str | list[int]]:
