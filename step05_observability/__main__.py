@@ -11,15 +11,14 @@ from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
 from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
 from step05_observability import __doc__
 from step05_observability.app import make_app
-from step05_observability.metrics import EngineMetrics, new_registry
-from step05_observability.request_log import ObservabilityConfig, request_log
+from step05_observability.metrics import observability
+from step05_observability.request_log import ObservabilityConfig
 
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
     model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
-    registry = new_registry()
-    metrics = EngineMetrics(registry)  # step 05's parts: two observers
-    observers = [metrics, *request_log(from_args(ObservabilityConfig, ns))]
+    # step 05's parts: a registry and two observers (metrics, request log)
+    registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
 
     def build_core(lm: LoadedModel) -> EngineCore:  # step 04's parts, watched
         runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=model.max_model_len > 0)

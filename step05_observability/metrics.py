@@ -1,4 +1,5 @@
-"""Prometheus metrics of the engine, vLLM's meanings under the ``stepserve:`` prefix.
+"""Prometheus metrics of the engine, vLLM's meanings under the ``stepserve:`` prefix (or vLLM's own
+names and labels with ``--metrics-namespace vllm``: :class:`VllmNamedRegistry`).
 
 Counters and histograms are fed by the observer callbacks on the engine thread (cheap: a few
 ``inc``/``observe`` calls, each a lock and a bucket search); the gauges read fields of the engine's
@@ -13,12 +14,16 @@ is observed once per finished request.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.metrics_core import Metric
 
+from shared.config import ModelConfig
+from shared.models import served_name
 from step04_kvcache.engine import EngineStats
-from step04_kvcache.observer import RequestStats, StepStats
+from step04_kvcache.observer import EngineObserver, RequestStats, StepStats
+from step05_observability.request_log import ObservabilityConfig, request_log
 
 PREFIX = "stepserve:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -33,10 +38,50 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def new_registry() -> CollectorRegistry:
+# The series whose name and meaning are vLLM's own (vLLM 0.32, ``vllm/v1/metrics/loggers.py`` and
+# ``v1/spec_decode/metrics.py``; its "Production Metrics" documentation lists them): under
+# ``--metrics-namespace vllm`` they are exposed as ``vllm:<name>`` with vLLM's labels. Ours that
+# vLLM lacks (step time, batch size, admission, acceptance rate) keep the ``stepserve:`` prefix.
+VLLM_SERIES = frozenset({
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "request_success", "prompt_tokens",
+    "generation_tokens", "time_to_first_token_seconds", "inter_token_latency_seconds",
+    "request_time_per_output_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+    "request_inference_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+    "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total", "num_preemptions",
+    "prefix_cache_queries", "prefix_cache_hits", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens_per_pos"})
+NAMESPACES = ("stepserve", "vllm")
+
+
+class VllmNamedRegistry(CollectorRegistry):
+    """A registry that exposes vLLM's series (:data:`VLLM_SERIES`) under vLLM's names and labels
+    (``vllm:<name>{model_name="<served name>", engine="0", ...}``), so that vLLM's Grafana dashboard
+    and tools that scrape vLLM's ``/metrics`` read them unchanged. The series are recorded under
+    ``stepserve:`` as always and renamed as they are scraped."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            short = family.name.removeprefix(PREFIX)
+            if short == family.name or short not in VLLM_SERIES:
+                yield family
+                continue
+            renamed = Metric("vllm:" + short, family.documentation, family.type, family.unit)
+            renamed.samples = [s._replace(name="vllm:" + s.name.removeprefix(PREFIX),
+                                          labels={**self.labels, **s.labels}) for s in family.samples]
+            yield renamed
+
+
+def new_registry(namespace: str = "stepserve", model_name: str = "") -> CollectorRegistry:
     """One registry per engine, never the global one, so that many engines can live in one
-    process; with the process's CPU seconds, resident memory and open fds."""
-    registry = CollectorRegistry()
+    process; with the process's CPU seconds, resident memory and open fds. ``namespace`` vllm: the
+    series vLLM also has under its names and labels (:class:`VllmNamedRegistry`)."""
+    if namespace not in NAMESPACES:
+        raise ValueError(f"metrics_namespace: must be one of {NAMESPACES}, got {namespace!r}")
+    registry = VllmNamedRegistry(model_name) if namespace == "vllm" else CollectorRegistry()
     ProcessCollector(registry=registry)
     return registry
 
@@ -63,6 +108,8 @@ class EngineMetrics:
         self.queue = h("request_queue_time_seconds", "Arrival to the step that first ran the request",
                        LATENCY_BUCKETS)
         self.prefill = h("request_prefill_time_seconds", "First scheduled to first token", LATENCY_BUCKETS)
+        self.inference = h("request_inference_time_seconds", "First scheduled to finish (prefill and decode)",
+                           LATENCY_BUCKETS)
         self.decode = h("request_decode_time_seconds", "First token to finish", LATENCY_BUCKETS)
         self.req_prompt = h("request_prompt_tokens", "Prompt tokens per finished request", COUNT_BUCKETS)
         self.req_generation = h("request_generation_tokens", "Generated tokens per finished request",
@@ -113,6 +160,7 @@ class EngineMetrics:
         self.req_generation.observe(r.num_output_tokens)
         if r.first_scheduled_time is not None:
             self.queue.observe(r.first_scheduled_time - r.arrival_time)
+            self.inference.observe(r.finish_time - r.first_scheduled_time)
         if r.first_token_time is None:
             return
         self.ttft.observe(r.first_token_time - r.arrival_time)
@@ -121,3 +169,12 @@ class EngineMetrics:
             self.prefill.observe(r.first_token_time - r.first_scheduled_time)
         if r.num_output_tokens > 1:
             self.tpot.observe((r.finish_time - r.first_token_time) / (r.num_output_tokens - 1))
+
+
+def observability(cfg: ObservabilityConfig, model: ModelConfig) -> tuple[CollectorRegistry, EngineMetrics,
+                                                                          list[EngineObserver]]:
+    """Step 05's parts as every later step assembles them: the registry (named by
+    ``--metrics-namespace``), the metrics observer on it, and the observers (metrics, request log)."""
+    registry = new_registry(cfg.metrics_namespace, served_name(model))
+    metrics = EngineMetrics(registry)
+    return registry, metrics, [metrics, *request_log(cfg)]

@@ -26,6 +26,9 @@ LOGGER = "step05_observability.requests"
 class ObservabilityConfig:
     request_log: bool = flag_field(True, "log one JSON line per finished request on stderr "
                                    "(logger step05_observability.requests)")
+    metrics_namespace: str = flag_field("stepserve", "names of /metrics: stepserve (stepserve:...), or vllm: the "
+                                        "series vLLM also has under vLLM's names and labels (vllm:..., model_name, "
+                                        "engine), for vLLM's dashboards and tools", choices=("stepserve", "vllm"))
 
 
 def _span(a: float | None, b: float | None) -> float | None:

@@ -9,8 +9,8 @@ from step04_kvcache.engine import AsyncEngine
 from step04_kvcache.engine_core import EngineCore
 from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
 from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
-from step05_observability.metrics import EngineMetrics, new_registry
-from step05_observability.request_log import ObservabilityConfig, request_log
+from step05_observability.metrics import observability
+from step05_observability.request_log import ObservabilityConfig
 from step06_backpressure import __doc__
 from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
@@ -20,9 +20,7 @@ from step06_backpressure.gate import GateConfig
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
     model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
-    registry = new_registry()
-    metrics = EngineMetrics(registry)
-    observers = [metrics, *request_log(from_args(ObservabilityConfig, ns))]
+    registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
     admission = from_args(AdmissionConfig, ns)
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)  # step 06's parts: two policies
     deadlines = Deadlines(admission.request_timeout)

@@ -12,8 +12,8 @@ from step04_kvcache.engine_core import EngineCore, StepPolicy
 from step04_kvcache.observer import EngineObserver
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
-from step05_observability.metrics import EngineMetrics, new_registry
-from step05_observability.request_log import ObservabilityConfig, request_log
+from step05_observability.metrics import observability
+from step05_observability.request_log import ObservabilityConfig
 from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
 from step06_backpressure.deadlines import Deadlines
@@ -48,9 +48,7 @@ def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, 
     :func:`paged_core`'s signature) and adds Prometheus collectors of the scheduler's stats."""
     model, sched = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns)
     cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
-    registry = new_registry()
-    metrics = EngineMetrics(registry)
-    observers = [metrics, *request_log(from_args(ObservabilityConfig, ns))]
+    registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
     deadlines = Deadlines(admission.request_timeout)
 
