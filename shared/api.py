@@ -20,10 +20,12 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
 from shared import protocol as P
@@ -36,6 +38,7 @@ from shared.responses import ChunkBuilder, LogprobFormatter, error_body, now, ss
 
 
 log = logging.getLogger("shared.api")
+STATIC = Path(__file__).parent / "static"  # GET /: the playground (HTML, CSS, plain JavaScript)
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -339,4 +342,6 @@ def build_app(engine: Engine, server: OpenAIServer | None = None) -> FastAPI:
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat)
     document(app)  # the bodies these handlers parse themselves, and their answers
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the playground's page
+    app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC / "index.html"))
     return app

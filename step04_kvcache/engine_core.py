@@ -223,4 +223,6 @@ class EngineCore:
             num_prefill_tokens=out.num_prefill_tokens, num_sampled=sampled, num_running=s.num_running,
             num_waiting=s.num_waiting, kv_slots_used=s.kv_slots_used, kv_slots_total=s.kv_slots_total,
             schedule_s=t[1] - t[0], prepare_s=t[2] - t[1], model_s=t[3] - t[2], sample_s=t[4] - t[3],
-            step_s=time.perf_counter() - t[0])
+            step_s=time.perf_counter() - t[0],
+            scheduled=(*((q.request_id, 1) for q in out.decodes),
+                       *((c.seq.request_id, c.num_tokens) for c in out.prefills)))

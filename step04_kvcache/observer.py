@@ -29,6 +29,9 @@ class StepStats:
     model_s: float  # Transformer.forward (attention plans, layers, LM head on sampling rows)
     sample_s: float  # the one batched sample() call
     step_s: float  # the whole step, including bookkeeping (not the hand-off of its events)
+    # (request id, tokens it fed this step): decodes first (one each; step 09 adds its drafts to
+    # their sequences' rows), then prefill chunks; what the playground's engine view draws
+    scheduled: tuple[tuple[str, int], ...] = ()
 
     @property
     def batch_size(self) -> int:

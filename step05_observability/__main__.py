@@ -7,6 +7,7 @@ from shared.models import LoadedModel
 from shared.server import run_step
 from step04_kvcache.engine import AsyncEngine
 from step04_kvcache.engine_core import EngineCore
+from step04_kvcache.engine_view import EngineView
 from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
 from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
 from step05_observability import __doc__
@@ -19,6 +20,8 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
     # step 05's parts: a registry and two observers (metrics, request log)
     registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
+    view = EngineView()  # and step 04's engine view
+    observers.append(view)
 
     def build_core(lm: LoadedModel) -> EngineCore:  # step 04's parts, watched
         runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=model.max_model_len > 0)
@@ -27,7 +30,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
 
     engine = AsyncEngine(model, build_core)
     metrics.bind_gauges(engine.stats)
-    return make_app(engine, registry)
+    return make_app(engine, registry, view)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared.api import build_app
-from shared.engine import Engine
+from step04_kvcache.engine import AsyncEngine
+from step04_kvcache.engine_view import EngineView
 
 
 def add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
@@ -18,7 +19,10 @@ def add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def make_app(engine: Engine, registry: CollectorRegistry) -> FastAPI:
+def make_app(engine: AsyncEngine, registry: CollectorRegistry, view: EngineView | None = None) -> FastAPI:
+    """``view``: step 04's engine view, served at ``/debug/engine``."""
     app = build_app(engine)
     add_metrics_route(app, registry)
+    if view is not None:
+        view.attach(app, engine)
     return app

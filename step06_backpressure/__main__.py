@@ -9,6 +9,7 @@ from step04_kvcache.engine import AsyncEngine
 from step04_kvcache.engine_core import EngineCore
 from step04_kvcache.model_runner import RunnerConfig, build_contiguous_runner
 from step04_kvcache.scheduler import ContiguousScheduler, SchedulerConfig
+from step04_kvcache.engine_view import EngineView
 from step05_observability.metrics import observability
 from step05_observability.request_log import ObservabilityConfig
 from step06_backpressure import __doc__
@@ -21,6 +22,8 @@ from step06_backpressure.gate import GateConfig
 def assemble(ns: argparse.Namespace) -> FastAPI:
     model, sched, runner_cfg = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns), from_args(RunnerConfig, ns)
     registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
+    view = EngineView()  # the playground's engine view
+    observers.append(view)
     admission = from_args(AdmissionConfig, ns)
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)  # step 06's parts: two policies
     deadlines = Deadlines(admission.request_timeout)
@@ -32,7 +35,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
 
     engine = AsyncEngine(model, build_core, request_policies=[backlog])
     metrics.bind_gauges(engine.stats)
-    return make_app(engine, backlog, deadlines, ns, registry)
+    return make_app(engine, backlog, deadlines, ns, registry, view)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from shared.api import OpenAIServer, build_app
 from shared.config import flag_field, from_args
 from shared.engine import Engine, GenerationRequest
 from shared.errors import RequestError
+from step04_kvcache.engine_view import EngineView
 from step05_observability.app import add_metrics_route
 from step06_backpressure.admission import Backlog
 from step06_backpressure.deadlines import Deadlines
@@ -114,7 +115,7 @@ def readiness(server: OpenAIServer, backlog: Backlog, gate: Gate) -> dict[str, A
 
 
 def make_app(engine: Engine, backlog: Backlog, deadlines: Deadlines | None = None, ns: argparse.Namespace | None = None,
-             registry: CollectorRegistry | None = None) -> FastAPI:
+             registry: CollectorRegistry | None = None, view: EngineView | None = None) -> FastAPI:
     """Step 05's app (``/metrics`` when a ``registry`` is given, with step 06's series) with
     ``BackpressureServer``, ``/ready`` and the gate in front (``app.state.gate``). ``ns``: the
     limits' and the gate's flags (their defaults without)."""
@@ -127,6 +128,8 @@ def make_app(engine: Engine, backlog: Backlog, deadlines: Deadlines | None = Non
     if registry is not None:
         add_metrics_route(app, registry)
         registry.register(BackpressureCollector(backlog, deadlines, gate))
+    if view is not None:  # step 04's engine view at /debug/engine
+        view.attach(app, engine)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -12,6 +12,7 @@ from step04_kvcache.engine_core import EngineCore, StepPolicy
 from step04_kvcache.observer import EngineObserver
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
+from step04_kvcache.engine_view import EngineView
 from step05_observability.metrics import observability
 from step05_observability.request_log import ObservabilityConfig
 from step06_backpressure.admission import AdmissionConfig, Backlog
@@ -20,6 +21,7 @@ from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import GateConfig
 from step07_paged_kv import __doc__
 from step07_paged_kv.block_manager import BlockManager
+from step07_paged_kv.kv_view import kv_pool
 from step07_paged_kv.metrics import PagedKVCollector
 from step07_paged_kv.model_runner import PagedCacheConfig, build_paged_runner
 from step07_paged_kv.paged_cache import PagedKVCache
@@ -49,6 +51,8 @@ def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, 
     model, sched = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns)
     cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
     registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
+    view = EngineView(extras=[kv_pool])  # the playground's engine view, with the KV block pool
+    observers.append(view)
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
     deadlines = Deadlines(admission.request_timeout)
 
@@ -59,7 +63,7 @@ def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, 
     metrics.bind_gauges(engine.stats)
     for collector in (PagedKVCollector, *collectors):
         registry.register(collector(lambda: engine.stats().scheduler))
-    return make_app(engine, backlog, deadlines, ns, registry)
+    return make_app(engine, backlog, deadlines, ns, registry, view)
 
 
 if __name__ == "__main__":  # step 06's server (metrics, limits, admission, gate) around the paged engine
