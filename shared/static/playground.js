@@ -89,15 +89,22 @@ $("fire").onclick = () => {
 $("stop-all").onclick = () => { controllers.forEach((c) => c.abort()); controllers = []; };
 
 // ---- the engine view ---------------------------------------------------------------------------
-const hue = (id) => { let h = 0; for (const ch of id) h = (h * 31 + ch.charCodeAt(0)) % 360; return h; };
+// A colour per sequence: FNV-1a of its id, spread by the golden angle so that neighbours differ.
+const hue = (id) => { let h = 2166136261; for (const ch of id) h = Math.imul(h ^ ch.charCodeAt(0), 16777619) >>> 0;
+                      return Math.round((h % 1000) * 137.508) % 360; };
 const short = (id) => id.replace(/^(cmpl|chatcmpl)-/, "").slice(0, 8) + id.slice(id.lastIndexOf("-"));
 
-function seqRow(s, phase, stepTokens) {
-  const total = Math.max(s.prompt_tokens + s.output_tokens, 1), el = document.createElement("div");
+// One sequence: its prompt (light) and output (dark) tokens on a scale shared by the whole list,
+// the part already in the KV cache solid, the rest faint.
+function seqRow(s, phase, stepTokens, scale) {
+  const total = s.prompt_tokens + s.output_tokens, el = document.createElement("div"), h = hue(s.id);
+  const pct = (n) => (100 * n / scale).toFixed(2) + "%";
   el.className = "seq";
-  el.innerHTML = `<span style="color:hsl(${hue(s.id)},60%,40%)">■ ${short(s.id)}</span>` +
+  el.innerHTML = `<span style="color:hsl(${h},60%,40%)">■ ${short(s.id)}</span>` +
     `<span class="phase ${phase}">${phase}${stepTokens ? " +" + stepTokens : ""}</span>` +
-    `<span class="bar"><span style="left:0;width:${100 * s.computed_tokens / total}%;background:hsl(${hue(s.id)},60%,60%)"></span></span>` +
+    `<span class="bar"><span style="left:0;width:${pct(s.prompt_tokens)};background:hsl(${h},60%,80%)"></span>` +
+    `<span style="left:${pct(s.prompt_tokens)};width:${pct(s.output_tokens)};background:hsl(${h},60%,50%)"></span>` +
+    `<span style="left:${pct(s.computed_tokens)};width:${pct(Math.max(total - s.computed_tokens, 0))};background:#fff;opacity:.6"></span></span>` +
     `<span>${s.computed_tokens}/${total} · ${s.blocks.length} blk</span>`;
   el.title = `${s.id}: prompt ${s.prompt_tokens}, computed ${s.computed_tokens}, output ${s.output_tokens}, blocks ${s.blocks.join(" ")}`;
   return el;
@@ -120,8 +127,9 @@ function draw(v) {
   $("last-step").textContent = last ? `last step: ${last.decodes} decodes + ${last.prefill_tokens} prefill tokens, ` +
     `${last.sampled} sampled, ${last.step_ms} ms (model ${last.model_ms} ms)` : "no step yet";
   $("n-running").textContent = `(${v.running.length})`; $("n-waiting").textContent = `(${v.waiting.length})`;
-  $("running").replaceChildren(...v.running.map((s) => seqRow(s, s.prefilling ? "prefill" : "decode", tokens[s.id])));
-  $("waiting").replaceChildren(...v.waiting.map((s) => seqRow(s, "waiting", 0)));
+  const scale = Math.max(1, ...[...v.running, ...v.waiting].map((s) => s.prompt_tokens + s.output_tokens));
+  $("running").replaceChildren(...v.running.map((s) => seqRow(s, s.prefilling ? "prefill" : "decode", tokens[s.id], scale)));
+  $("waiting").replaceChildren(...v.waiting.map((s) => seqRow(s, "waiting", 0, scale)));
   const st = v.scheduler || {};
   $("spec").textContent = st.spec_decode_num_drafts !== undefined ? `speculation: ${st.spec_decode_num_drafts} drafts, ` +
     `${st.spec_decode_num_accepted_tokens}/${st.spec_decode_num_draft_tokens} draft tokens accepted ` +
