@@ -4,8 +4,9 @@ Central rule: watching costs the engine nothing. The engine thread only keeps a 
 last step's stats (:class:`EngineView` is an observer whose ``on_step`` is one assignment); every
 snapshot is read on the event loop, from the scheduler's queues and the parts' stats, at most
 :data:`MAX_HZ` times a second and only while a page is connected. The stream is pulled, never
-queued: a page that stops reading holds up only its own stream, and at most :data:`MAX_WATCHERS`
-pages watch at once (more get a 429).
+queued: the next snapshot is taken only once the last one was sent, a page that took more than
+:data:`DROP_AFTER_S` to take one is dropped (the page reconnects), and at most
+:data:`MAX_WATCHERS` pages watch at once (more get a 429).
 
 A snapshot reads structures the engine thread changes meanwhile; copies are taken first
 (``list(...)``, atomic under the GIL), and a snapshot that still meets a change mid-read is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI
@@ -28,6 +30,7 @@ from step04_kvcache.observer import RequestStats, StepStats
 
 MAX_HZ = 10
 MAX_WATCHERS = 4
+DROP_AFTER_S = 2.0  # a page that took this long to take one snapshot is dropped (it reconnects)
 Extra = Callable[[EngineCore], dict[str, Any]]
 
 
@@ -78,7 +81,10 @@ class EngineView:
                 except (RuntimeError, IndexError, KeyError):  # the engine changed a structure mid-read
                     body = None
                 if body is not None:
-                    yield f"data: {body}\n\n".encode()
+                    t0 = time.monotonic()
+                    yield f"data: {body}\n\n".encode()  # resumes once the page has taken it
+                    if time.monotonic() - t0 > DROP_AFTER_S:
+                        return  # a slow page: dropped, never buffered for
                 await asyncio.sleep(1 / MAX_HZ)
         finally:
             self.watchers -= 1

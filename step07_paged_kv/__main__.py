@@ -12,7 +12,7 @@ from step04_kvcache.engine_core import EngineCore, StepPolicy
 from step04_kvcache.observer import EngineObserver
 from step04_kvcache.model_runner import ModelRunner, RunnerConfig
 from step04_kvcache.scheduler import SchedulerConfig
-from step04_kvcache.engine_view import EngineView
+from step04_kvcache.engine_view import EngineView, Extra
 from step05_observability.metrics import observability
 from step05_observability.request_log import ObservabilityConfig
 from step06_backpressure.admission import AdmissionConfig, Backlog
@@ -44,14 +44,16 @@ def paged_core(lm: LoadedModel, runner: ModelRunner[PagedKVCache], sched: Schedu
 
 def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, bool], ModelRunner[PagedKVCache]],
                    build_core: Callable[..., EngineCore] = paged_core,
-                   collectors: Sequence[Callable[[Callable[[], Any]], Collector]] = ()) -> FastAPI:
+                   collectors: Sequence[Callable[[Callable[[], Any]], Collector]] = (),
+                   view_extras: Sequence[Extra] = ()) -> FastAPI:
     """The assembly around any paged runner (``build_runner(lm, explicit_len)``): step 08 swaps
     in its quantized model's runner and keeps the rest; step 09 also its core (``build_core``,
-    :func:`paged_core`'s signature) and adds Prometheus collectors of the scheduler's stats."""
+    :func:`paged_core`'s signature) and adds Prometheus collectors of the scheduler's stats and
+    sections of the engine view (``view_extras``)."""
     model, sched = from_args(ModelConfig, ns), from_args(SchedulerConfig, ns)
     cache_cfg, admission = from_args(PagedCacheConfig, ns), from_args(AdmissionConfig, ns)
     registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
-    view = EngineView(extras=[kv_pool])  # the playground's engine view, with the KV block pool
+    view = EngineView(extras=[kv_pool, *view_extras])  # the playground's engine view, with the KV block pool
     observers.append(view)
     backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
     deadlines = Deadlines(admission.request_timeout)

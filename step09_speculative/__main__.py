@@ -25,6 +25,7 @@ from step09_speculative import __doc__
 from step09_speculative.config import SpeculativeConfig
 from step09_speculative.draft import DraftModelProposer, early_exit, int4_draft
 from step09_speculative.metrics import SpecDecodingCollector
+from step09_speculative.spec_view import spec_step
 from step09_speculative.model_runner import SpecModelRunner
 from step09_speculative.ngram import NgramProposer
 from step09_speculative.rejection import SpeculativeSampler
@@ -58,7 +59,8 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     """Step 08's runner (the quantized model), inside step 09's core."""
     runner_cfg, cache_cfg, quant = from_args(RunnerConfig, ns), from_args(PagedCacheConfig, ns), from_args(QuantConfig, ns)
     return assemble_paged(ns, lambda lm, explicit_len: build_quant_runner(lm, runner_cfg, cache_cfg, quant, explicit_len),
-                          build_core=spec_core(from_args(SpeculativeConfig, ns)), collectors=[SpecDecodingCollector])
+                          build_core=spec_core(from_args(SpeculativeConfig, ns)), collectors=[SpecDecodingCollector],
+                          view_extras=[spec_step])
 
 
 if __name__ == "__main__":  # step 08's server and flags, plus the speculative ones

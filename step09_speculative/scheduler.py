@@ -54,6 +54,7 @@ class SpecScheduler(PagedScheduler):
         self._k, self._spec_budget = 0, 0  # this step's drafts per decode, and the tokens left for them
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * spec.k
+        self.last_drafts: dict[str, tuple[int, int]] = {}  # request id -> (drafted, accepted) last step
 
     def schedule(self) -> SchedulerOutput:
         decoding = sum(1 for s in self.running if not s.is_prefilling)
@@ -77,9 +78,11 @@ class SpecScheduler(PagedScheduler):
         return seq.num_lookahead_tokens
 
     def update(self, out: SchedulerOutput, token_ids: Seq[Seq[int]]) -> list[SpecSequence]:
+        self.last_drafts = {}  # a new dict: the engine view reads the last one from another thread
         for seq, tokens in zip(out.decodes, token_ids):  # decodes are the first sampling rows
             if seq.spec_token_ids:
                 accepted = len(tokens) - 1
+                self.last_drafts[seq.request_id] = (len(seq.spec_token_ids), accepted)
                 self.num_drafts += 1
                 self.num_draft_tokens += len(seq.spec_token_ids)
                 self.num_accepted_tokens += accepted

@@ -20,6 +20,7 @@ from step08_quant.quantize import QuantConfig
 from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
 from step09_speculative.metrics import SpecDecodingCollector
+from step09_speculative.spec_view import spec_step
 from step10_kernels import __doc__
 from step10_kernels.model_runner import KernelsConfig, cuda_graph_wrapper, kernels_runner
 
@@ -35,7 +36,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
 
     graphs = cuda_graph_wrapper(kernels, from_args(SchedulerConfig, ns).max_seqs)
     return assemble_paged(ns, build_runner, build_core=spec_core(from_args(SpeculativeConfig, ns), graphs),
-                          collectors=[SpecDecodingCollector])
+                          collectors=[SpecDecodingCollector], view_extras=[spec_step])
 
 
 if __name__ == "__main__":  # step 09's server and flags, plus --kernels

@@ -23,6 +23,7 @@ from step08_quant.quantize import QuantConfig
 from step09_speculative.__main__ import spec_core
 from step09_speculative.config import SpeculativeConfig
 from step09_speculative.metrics import SpecDecodingCollector
+from step09_speculative.spec_view import spec_step
 from step10_kernels.__main__ import assemble as assemble_step10
 from step10_kernels.model_runner import KernelsConfig
 from step11_multigpu import __doc__
@@ -87,7 +88,7 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
         return assemble_step10(ns)
     rank0 = RankZero(rank_spec(ns, tp))
     return assemble_paged(ns, rank0.build_runner, build_core=spec_core(from_args(SpeculativeConfig, ns), rank0.wrap),
-                          collectors=[SpecDecodingCollector])
+                          collectors=[SpecDecodingCollector], view_extras=[spec_step])
 
 
 if __name__ == "__main__":  # step 10's server and flags, plus --tensor-parallel-size

@@ -96,12 +96,13 @@ const short = (id) => id.replace(/^(cmpl|chatcmpl)-/, "").slice(0, 8) + id.slice
 
 // One sequence: its prompt (light) and output (dark) tokens on a scale shared by the whole list,
 // the part already in the KV cache solid, the rest faint.
-function seqRow(s, phase, stepTokens, scale) {
+function seqRow(s, phase, stepTokens, scale, drafted) {
   const total = s.prompt_tokens + s.output_tokens, el = document.createElement("div"), h = hue(s.id);
   const pct = (n) => (100 * n / scale).toFixed(2) + "%";
   el.className = "seq";
   el.innerHTML = `<span style="color:hsl(${h},60%,40%)">■ ${short(s.id)}</span>` +
-    `<span class="phase ${phase}">${phase}${stepTokens ? " +" + stepTokens : ""}</span>` +
+    `<span class="phase ${phase}">${phase}${stepTokens ? " +" + stepTokens : ""}` +
+    `${drafted ? ` +${drafted[0]} drafts, ${drafted[1]} kept` : ""}</span>` +
     `<span class="bar"><span style="left:0;width:${pct(s.prompt_tokens)};background:hsl(${h},60%,80%)"></span>` +
     `<span style="left:${pct(s.prompt_tokens)};width:${pct(s.output_tokens)};background:hsl(${h},60%,50%)"></span>` +
     `<span style="left:${pct(s.computed_tokens)};width:${pct(Math.max(total - s.computed_tokens, 0))};background:#fff;opacity:.6"></span></span>` +
@@ -128,7 +129,9 @@ function draw(v) {
     `${last.sampled} sampled, ${last.step_ms} ms (model ${last.model_ms} ms)` : "no step yet";
   $("n-running").textContent = `(${v.running.length})`; $("n-waiting").textContent = `(${v.waiting.length})`;
   const scale = Math.max(1, ...[...v.running, ...v.waiting].map((s) => s.prompt_tokens + s.output_tokens));
-  $("running").replaceChildren(...v.running.map((s) => seqRow(s, s.prefilling ? "prefill" : "decode", tokens[s.id], scale)));
+  const drafts = v.drafts || {};  // step 09 on: [drafted, accepted] per sequence, last step
+  $("running").replaceChildren(...v.running.map((s) => seqRow(s, s.prefilling ? "prefill" : "decode", tokens[s.id], scale,
+                                                              drafts[s.id])));
   $("waiting").replaceChildren(...v.waiting.map((s) => seqRow(s, "waiting", 0, scale)));
   const st = v.scheduler || {};
   $("spec").textContent = st.spec_decode_num_drafts !== undefined ? `speculation: ${st.spec_decode_num_drafts} drafts, ` +

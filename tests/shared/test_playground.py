@@ -81,3 +81,39 @@ def test_more_pages_than_allowed_are_refused(servers) -> None:
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
+
+
+def test_a_slow_page_is_dropped_not_buffered_for() -> None:
+    """The stream makes the next snapshot only once the page took the last one; a page that took
+    longer than DROP_AFTER_S is dropped (its watcher slot freed) instead of being queued for."""
+    import asyncio
+    import types
+
+    from step04_kvcache.engine_view import DROP_AFTER_S, EngineView
+
+    view = EngineView()
+    engine = types.SimpleNamespace(core=None, error=lambda: None)  # loading: a one-field snapshot
+
+    async def consume() -> list[bytes]:
+        stream = view.stream(engine)  # type: ignore[arg-type]
+        got = [await stream.__anext__(), await stream.__anext__()]  # a page that keeps up
+        assert view.watchers == 1
+        await asyncio.sleep(DROP_AFTER_S + 0.3)  # then stops reading for a while
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return got
+
+    got = asyncio.run(consume())
+    assert all(g.startswith(b"data: ") for g in got) and view.watchers == 0
+
+
+def test_step_09s_view_shows_each_sequences_drafts(servers) -> None:
+    url = servers("step09_speculative", "tiny-llama", *SMALL_POOL, "--speculative-max-verify-tokens", "0").url
+    prompt = "one two three four " * 8  # repetitive: the n-gram proposer drafts
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(httpx.post, url + "/v1/completions", json={"prompt": prompt, "max_tokens": 300,
+                   "temperature": 0, "ignore_eos": True}, timeout=120) for _ in range(2)]
+        seen = events(url, 2.0)
+        assert all(f.result().status_code == 200 for f in futures)
+    drafted = [d for e in seen for d in e.get("drafts", {}).values()]
+    assert drafted and all(0 <= kept <= n for n, kept in drafted), seen[-1].get("drafts")
