@@ -32,6 +32,8 @@ class SpecSequence(PagedSequence):
     num_lookahead_tokens: int = 0  # proposals it may get this step (room reserved by the scheduler)
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # this step's draft tokens
     draft_probs: torch.Tensor | None = None  # [len(spec_token_ids), V] when the draft sampled them
+    num_drafted: int = 0  # draft tokens verified for it so far, and how many of them were kept
+    num_kept: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +85,8 @@ class SpecScheduler(PagedScheduler):
             if seq.spec_token_ids:
                 accepted = len(tokens) - 1
                 self.last_drafts[seq.request_id] = (len(seq.spec_token_ids), accepted)
+                seq.num_drafted += len(seq.spec_token_ids)
+                seq.num_kept += accepted
                 self.num_drafts += 1
                 self.num_draft_tokens += len(seq.spec_token_ids)
                 self.num_accepted_tokens += accepted

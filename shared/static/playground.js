@@ -102,7 +102,7 @@ function seqRow(s, phase, stepTokens, scale, drafted) {
   el.className = "seq";
   el.innerHTML = `<span style="color:hsl(${h},60%,40%)">■ ${short(s.id)}</span>` +
     `<span class="phase ${phase}">${phase}${stepTokens ? " +" + stepTokens : ""}` +
-    `${drafted ? ` +${drafted[0]} drafts, ${drafted[1]} kept` : ""}</span>` +
+    `${drafted ? ` · drafts +${drafted[0]}, ${drafted[1]} kept (so far ${drafted[3]}/${drafted[2]})` : ""}</span>` +
     `<span class="bar"><span style="left:0;width:${pct(s.prompt_tokens)};background:hsl(${h},60%,80%)"></span>` +
     `<span style="left:${pct(s.prompt_tokens)};width:${pct(s.output_tokens)};background:hsl(${h},60%,50%)"></span>` +
     `<span style="left:${pct(s.computed_tokens)};width:${pct(Math.max(total - s.computed_tokens, 0))};background:#fff;opacity:.6"></span></span>` +

@@ -19,8 +19,6 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.conftest import SMALL_POOL  # noqa: E402
-
 POOL = ("--num-kv-blocks", "256", "--block-size", "4", "--max-seqs", "8")
 SHARED = "A long shared system prompt that every request starts with, word for word."
 

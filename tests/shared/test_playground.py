@@ -34,8 +34,8 @@ def test_steps_without_an_engine_loop_have_no_engine_view(servers, step: str) ->
     assert httpx.get(servers(step, "tiny-llama").url + "/debug/engine", timeout=10).status_code == 404
 
 
-def events(url: str, seconds: float) -> list[dict]:
-    """The snapshots /debug/engine sends within ``seconds``."""
+def events(url: str, seconds: float, until=lambda: False) -> list[dict]:
+    """The snapshots /debug/engine sends within ``seconds``, or until ``until()`` is true."""
     out: list[dict] = []
     deadline = time.monotonic() + seconds
     with httpx.stream("GET", url + "/debug/engine", timeout=30) as r:
@@ -43,7 +43,7 @@ def events(url: str, seconds: float) -> list[dict]:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 out.append(json.loads(line[6:]))
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or until():
                 break
     return out
 
@@ -113,7 +113,8 @@ def test_step_09s_view_shows_each_sequences_drafts(servers) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(httpx.post, url + "/v1/completions", json={"prompt": prompt, "max_tokens": 300,
                    "temperature": 0, "ignore_eos": True}, timeout=120) for _ in range(2)]
-        seen = events(url, 2.0)
+        seen = events(url, 120.0, until=lambda: all(f.done() for f in futures))  # the whole generation
         assert all(f.result().status_code == 200 for f in futures)
-    drafted = [d for e in seen for d in e.get("drafts", {}).values()]
-    assert drafted and all(0 <= kept <= n for n, kept in drafted), seen[-1].get("drafts")
+    drafted = [d for e in seen for d in e.get("drafts", {}).values()]  # [last, kept last, so far, kept so far]
+    assert drafted, "no running sequence ever showed its drafts"
+    assert all(0 <= kept <= n and 0 <= total_kept <= total and n <= total for n, kept, total, total_kept in drafted)
