@@ -33,6 +33,7 @@ from shared.cpu import cpu_flags
 from shared.models import load_config, load_model, prepare
 from step04_kvcache.model_runner import RunnerConfig
 from step07_paged_kv.model_runner import PagedCacheConfig
+from step08_quant.kernels import time_ms
 from step08_quant.quantize import QuantConfig
 from step10_kernels.model_runner import KernelsConfig
 from step10_kernels.profile import decode_inputs
@@ -48,25 +49,14 @@ def _latency(rank: int, spec: RankSpec, shapes: list[tuple[int, int]], vocab: in
     result = {}
     for t, hidden in shapes:
         x = torch.randn(t, hidden)
-        result[f"all-reduce [{t}, {hidden}]"] = _median_us(lambda: dist.all_reduce(x), iters)
+        result[f"all-reduce [{t}, {hidden}]"] = 1000 * time_ms(lambda: dist.all_reduce(x), iters)
         part = torch.randn(t, vocab // 2)
         parts = [torch.empty_like(part) for _ in range(2)] if rank == 0 else None
-        result[f"gather [{t}, {vocab // 2}]"] = _median_us(lambda: dist.gather(part, parts, dst=0), iters)
+        result[f"gather [{t}, {vocab // 2}]"] = 1000 * time_ms(lambda: dist.gather(part, parts, dst=0), iters)
     dist.barrier()
     if rank == 0:
         out.put(result)
     dist.destroy_process_group()
-
-
-def _median_us(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def collective_latency(spec: RankSpec, hidden: int, vocab: int, batches: list[int], iters: int) -> dict[str, float]:
