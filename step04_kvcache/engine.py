@@ -8,7 +8,7 @@ came in, runs ``EngineCore.step()`` and hands all of the step's items to the eve
 ``loop.call_soon_threadsafe``.
 
 Parts that are not the core's come in here: **request policies**, asked on the event loop when a
-request arrives (they may refuse it), at its first token and when it ends (step 06's admission).
+request arrives (they may refuse it), at each of its tokens and when it ends (step 06's admission).
 
 Loading takes seconds to minutes, so the parts that need the weights are built in ``start()``:
 ``build_core(lm)`` is the step's assembly of its scheduler, model runner, observers and step
@@ -36,17 +36,18 @@ log = logging.getLogger("step04_kvcache")
 
 
 class RequestPolicy(Protocol):
-    """A rule about requests, on the event loop (step 06's admission). All three are idempotent."""
+    """A rule about requests, on the event loop (step 06's admission)."""
 
     name: str
 
     def on_arrival(self, request: GenerationRequest) -> None:
         """Before the engine sees ``request``: raise a ``RequestError`` to refuse it."""
 
-    def on_first_token(self, request: GenerationRequest) -> None: ...
+    def on_token(self, request: GenerationRequest) -> None:
+        """Each token ``request`` streams (the first ends its wait)."""
 
     def on_finish(self, request: GenerationRequest) -> None:
-        """``request`` ended: finished, aborted or failed."""
+        """``request`` ended: finished, aborted or failed. Idempotent."""
 
     def stats(self) -> Any:
         """A frozen dataclass of its counters."""
@@ -129,7 +130,7 @@ class AsyncEngine:
                     raise item
                 if isinstance(item, TokenEvent):
                     for policy in self.request_policies:
-                        policy.on_first_token(request)
+                        policy.on_token(request)
                 yield item
         finally:
             entry.cancelled.set()  # the core drops it at its next step, if it is still there

@@ -17,6 +17,7 @@ from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
 from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import GateConfig
+from step06_backpressure.step_cost import StepCostModel, measured_core
 
 
 def assemble(ns: argparse.Namespace) -> FastAPI:
@@ -25,13 +26,15 @@ def assemble(ns: argparse.Namespace) -> FastAPI:
     view = EngineView()  # the playground's engine view
     observers.append(view)
     admission = from_args(AdmissionConfig, ns)
-    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)  # step 06's parts: two policies
+    cost = StepCostModel(sched.max_seqs, sched.max_num_batched_tokens)  # step 06's parts: the measured step
+    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens, cost)  # cost, two policies
     deadlines = Deadlines(admission.request_timeout)
 
     def build_core(lm: LoadedModel) -> EngineCore:
         runner = build_contiguous_runner(lm, sched, runner_cfg, explicit_len=model.max_model_len > 0)
-        return EngineCore(scheduler=ContiguousScheduler(sched, runner.max_len, lm.eos_token_ids), runner=runner,
-                          observers=observers, policies=[deadlines])
+        return measured_core(lambda obs, pol: EngineCore(scheduler=ContiguousScheduler(
+            sched, runner.max_len, lm.eos_token_ids), runner=runner, observers=obs, policies=pol),
+            cost, sched, lm.model.config.vocab_size, observers, [deadlines])
 
     engine = AsyncEngine(model, build_core, request_policies=[backlog])
     metrics.bind_gauges(engine.stats)

@@ -1,26 +1,25 @@
-"""Admission control: a bound on the work admitted, so that admitted work keeps its latency.
+"""Admission control: admit a request only if it can be served in time; refuse the rest at once.
 
-Central rule: a request is admitted only if, with it, (1) the requests in flight stay within
-``--max-seqs + --max-waiting-requests`` (every running row full, and at most that many waiting
-for one) and (2) the prompt tokens of the requests still waiting for their first token stay within
-``--max-waiting-prompt-tokens``; otherwise it is refused at once with 429, ``Retry-After`` and
-OpenAI's error object, before any work is done for it. An empty server admits anything (a single
-request larger than a bound is not refused forever).
+Central rule: a request is admitted only if its **predicted wait** for its first token, behind the
+work already admitted, is within ``--max-queue-delay`` (and its own ``timeout``); otherwise it is
+refused at once with 429, ``Retry-After`` (the predicted time until it would fit) and OpenAI's
+error object, before any work is done for it. The prediction (:mod:`predicted_wait`) replays the
+admitted requests over the engine's rows at the engine's measured step cost (:mod:`step_cost`).
+An empty server admits anything (a single request larger than a bound is not refused forever).
 
-Why these two: a request that finds a free row starts at the next step; one that does not waits
-for a running request to finish, about ``1 / capacity`` seconds per request ahead of it, so the
-first bound caps the queueing part of the time to first token. The second caps the prefill work
-ahead of a new request. Its default admits a burst that fills every row (``--max-seqs`` prompts
-of a step's budget each); under overload, a bound of about one step's budget keeps a new
-request's prompt behind at most one step of others (the README measures it). Each choice of a
-request (``n``, several prompts) is one engine request and counts as one; a request's choices
-are admitted or refused together.
+Two hard bounds stay, sized for memory rather than latency, so that the prediction is what
+normally decides: requests in flight (``--max-seqs + --max-waiting-requests``) and prompt tokens
+waiting for their first token (``--max-waiting-prompt-tokens``). ``--max-queue-delay 0`` turns the
+prediction off and leaves the bounds alone to decide: the rule of this step before the prediction,
+which with small bounds (the old defaults: 4 waiting requests) refuses bursts an idle server could
+serve, and with large ones admits work that waits for seconds. Each choice of a request (``n``,
+several prompts) is one engine request; a request's choices are admitted or refused together.
 
 The backlog lives on the event loop: the API admits a request's choices (before the response
 starts, so a refusal can still be a 429); the backlog is also one of the engine's request policies
 (``AsyncEngine(..., request_policies=[backlog])``), so the engine's ``generate`` claims each choice
-(``on_arrival``; a request that comes without the API is admitted there, so the bound holds for
-in-process use too), marks its first token and removes it when it ends. A reservation that
+(``on_arrival``; a request that comes without the API is admitted there, so the bounds hold for
+in-process use too), counts its tokens and removes it when it ends. A reservation that
 ``generate`` never claims (the client left between the two) is released by the API, or expires
 after ``STALE_S``.
 """
@@ -33,25 +32,34 @@ from typing import Iterable, Sequence
 from shared.config import flag_field
 from shared.engine import GenerationRequest
 from shared.errors import RequestError
+from step06_backpressure.predicted_wait import Prediction, Work, predict
+from step06_backpressure.step_cost import StepCost, StepCostModel
 
 STALE_S = 5.0  # an unclaimed reservation older than this is a leak, not a request
+PROBE = Work(1, 1)  # the request /ready and /health predict the wait of
+REASONS = ("queue_delay", "timeout", "in_flight", "prompt_tokens")  # why a request was refused
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdmissionConfig:
+    max_queue_delay: float = flag_field(
+        0.25, "most predicted wait in seconds before a request's prefill can start; beyond: 429 with "
+        "Retry-After the predicted time until it fits (0: off, only the hard bounds decide)")
     max_waiting_requests: int = flag_field(
-        4, "most requests admitted beyond --max-seqs, waiting for a row (in flight: at most the sum); "
-        "beyond: 429. 0 admits only what a free row can start at once")
+        256, "hard bound: most requests admitted beyond --max-seqs, waiting for a row (in flight: at most "
+        "the sum); beyond: 429. 0 admits only what a free row can start at once")
     max_waiting_prompt_tokens: int = flag_field(
-        0, "most prompt tokens of the requests waiting for their first token; beyond: 429 (0: --max-seqs x "
-        "--max-num-batched-tokens, a burst that fills every row). Lower bounds the TTFT under overload")
-    retry_after: int = flag_field(1, "seconds a refused (429) or turned-away (503) client is told to wait "
-                                  "(Retry-After)")
+        0, "hard bound: most prompt tokens of the requests waiting for their first token; beyond: 429 "
+        "(0: (--max-seqs + --max-waiting-requests) x --max-num-batched-tokens)")
+    retry_after: int = flag_field(1, "seconds a client refused by a hard bound (429) or turned away (503) is "
+                                  "told to wait (Retry-After)")
     request_timeout: float = flag_field(
         0.0, "default deadline of a request in seconds from its arrival (0: none); a request's "
         "`timeout` field overrides it. Past it: an error before the first token, else finish_reason length")
 
     def __post_init__(self) -> None:
+        if not self.max_queue_delay >= 0:
+            raise ValueError(f"max_queue_delay must be >= 0, got {self.max_queue_delay}")
         if self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.max_waiting_prompt_tokens < 0:
@@ -69,6 +77,10 @@ class AdmissionStats:
     num_waiting_prompt_tokens: int  # of the admitted requests without a first token
     max_waiting_prompt_tokens: int
     num_refused: int  # requests (not choices) answered 429
+    num_refused_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)  # REASONS
+    predicted_wait_s: float | None = None  # of a one-token request now (None: prediction off or cold)
+    max_queue_delay_s: float = 0.0
+    step_cost: StepCost | None = None  # the engine's measured step cost the prediction uses
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,6 +89,7 @@ class _Admitted:
     since: float
     claimed: bool = False
     waiting: bool = True  # no first token yet
+    num_tokens: int = 0  # streamed so far
 
 
 class Backlog:
@@ -84,23 +97,46 @@ class Backlog:
 
     name = "admission"
 
-    def __init__(self, config: AdmissionConfig, max_running: int, step_tokens: int = 256) -> None:
-        """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget."""
-        self.config = config
+    def __init__(self, config: AdmissionConfig, max_running: int, step_tokens: int = 256,
+                 cost: StepCostModel | None = None) -> None:
+        """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget;
+        ``cost``: the engine's measured step cost (an observer of its core); without it, or with
+        ``--max-queue-delay 0``, only the hard bounds decide."""
+        self.config, self.max_running, self.step_tokens = config, max_running, step_tokens
+        self.cost = cost if config.max_queue_delay > 0 else None
         self.max_in_flight = max_running + config.max_waiting_requests
-        self.max_waiting_tokens = config.max_waiting_prompt_tokens or max_running * step_tokens
+        self.max_waiting_tokens = config.max_waiting_prompt_tokens or self.max_in_flight * step_tokens
         self._admitted: dict[int, _Admitted] = {}  # id(request): X-Request-Id may repeat request ids
         self.num_waiting_tokens = 0  # prompt tokens of the admitted requests without a first token
-        self.refused = 0  # requests (not choices) answered 429
+        self.refused_by_reason = dict.fromkeys(REASONS, 0)  # requests (not choices) answered 429
+
+    @property
+    def refused(self) -> int:
+        return sum(self.refused_by_reason.values())
 
     @property
     def num_in_flight(self) -> int:
         return len(self._admitted)
 
+    def predict(self, new: Sequence[Work]) -> Prediction | None:
+        """The wait of the last of ``new`` behind everything admitted (None: no measured cost)."""
+        cost = self.cost.cost if self.cost is not None else None
+        if cost is None:
+            return None
+        left, waiting = [], []
+        for a in self._admitted.values():  # in admission order (dicts keep insertion order)
+            if a.waiting:
+                waiting.append(_work(a.request))
+            else:
+                left.append(max(0, a.request.params.max_tokens - a.num_tokens))
+        return predict(cost, self.max_running, self.step_tokens, left, waiting, new)
+
     def overloaded(self) -> bool:
-        """No room for even a one-token request: what ``/ready`` reports."""
-        return (self.num_in_flight >= self.max_in_flight
-                or self.num_waiting_tokens >= self.max_waiting_tokens)
+        """No room for even a one-token request now: what ``/ready`` reports."""
+        if self.num_in_flight >= self.max_in_flight or self.num_waiting_tokens >= self.max_waiting_tokens:
+            return True
+        p = self.predict([PROBE]) if self._admitted else None
+        return p is not None and p.wait_s > self.config.max_queue_delay
 
     def admit(self, requests: Sequence[GenerationRequest]) -> None:
         """Reserve room for all of ``requests`` (one client request), or raise a 429."""
@@ -108,17 +144,42 @@ class Backlog:
         self._expire(now)
         c = self.config
         tokens = sum(len(r.prompt_token_ids) for r in requests)
-        if self._admitted and (self.num_in_flight + len(requests) > self.max_in_flight
-                               or self.num_waiting_tokens + tokens > self.max_waiting_tokens):
-            self.refused += 1
-            raise RequestError(
-                f"The server is overloaded: {self.num_in_flight} requests in flight (at most {self.max_in_flight}), "
-                f"{self.num_waiting_tokens} prompt tokens waiting (at most {self.max_waiting_tokens}). "
-                f"Retry after {c.retry_after} s.", status=429, type="rate_limit_error",
-                code="server_overloaded", headers={"Retry-After": str(c.retry_after)})
+        if self._admitted and self.num_in_flight + len(requests) > self.max_in_flight:
+            self._refuse("in_flight", c.retry_after, f"{self.num_in_flight} requests in flight (at most "
+                         f"{self.max_in_flight})")
+        if self._admitted and self.num_waiting_tokens + tokens > self.max_waiting_tokens:
+            self._refuse("prompt_tokens", c.retry_after, f"{self.num_waiting_tokens} prompt tokens waiting for "
+                         f"their first token (at most {self.max_waiting_tokens})")
+        self._check_wait(requests)
         for r in requests:
             self._admitted[id(r)] = _Admitted(r, now)
             self.num_waiting_tokens += len(r.prompt_token_ids)
+
+    def _check_wait(self, requests: Sequence[GenerationRequest]) -> None:
+        """The predicted-wait rule: ``--max-queue-delay`` (not on an empty server), and the
+        request's own deadline (a 400 if even an idle server could not meet it)."""
+        new = [_work(r) for r in requests]
+        p = self.predict(new)
+        if p is None:
+            return
+        timeout = next((r.timeout for r in requests if r.timeout is not None), None) or self.config.request_timeout
+        if timeout and p.ttft_s > timeout:
+            alone = predict(self.cost.cost, self.max_running, self.step_tokens, [], [], new)  # type: ignore[union-attr]
+            if alone.ttft_s > timeout:
+                raise RequestError(f"timeout: {timeout:g} s is shorter than this request needs for its first "
+                                   f"token on an idle server (about {alone.ttft_s:.2f} s)", param="timeout")
+            self._refuse("timeout", p.retry_after(timeout, of_ttft=True),
+                         f"its predicted time to first token is {p.ttft_s:.2f} s, beyond its timeout of {timeout:g} s",
+                         param="timeout")
+        if self._admitted and p.wait_s > self.config.max_queue_delay:
+            self._refuse("queue_delay", p.retry_after(self.config.max_queue_delay),
+                         f"its predicted wait is {p.wait_s:.2f} s (at most {self.config.max_queue_delay:g} s)")
+
+    def _refuse(self, reason: str, retry_after: int, why: str, param: str | None = None) -> None:
+        self.refused_by_reason[reason] += 1
+        raise RequestError(f"The server is overloaded: {why}. Retry after {retry_after} s.", status=429,
+                           type="rate_limit_error", code="server_overloaded", param=param,
+                           headers={"Retry-After": str(retry_after)})
 
     def _get(self, request: GenerationRequest) -> _Admitted | None:
         a = self._admitted.get(id(request))
@@ -163,12 +224,20 @@ class Backlog:
             self.admit([request])
             self.claim(request)
 
-    def on_first_token(self, request: GenerationRequest) -> None:
-        self.first_token(request)
+    def on_token(self, request: GenerationRequest) -> None:
+        if (a := self._get(request)) is not None:
+            a.num_tokens += 1
+            self.first_token(request)
 
     def on_finish(self, request: GenerationRequest) -> None:
         self.finish(request)
 
     def stats(self) -> AdmissionStats:
-        return AdmissionStats(self.num_in_flight, self.max_in_flight, self.num_waiting_tokens,
-                              self.max_waiting_tokens, self.refused)
+        p = self.predict([PROBE]) if self.cost is not None else None
+        return AdmissionStats(self.num_in_flight, self.max_in_flight, self.num_waiting_tokens, self.max_waiting_tokens,
+                              self.refused, dict(self.refused_by_reason), None if p is None else p.wait_s,
+                              self.config.max_queue_delay, None if self.cost is None else self.cost.cost)
+
+
+def _work(r: GenerationRequest) -> Work:
+    return Work(len(r.prompt_token_ids), r.params.max_tokens)

@@ -8,8 +8,14 @@ follow step 05's ``stepserve:`` prefix:
   ``shutting_down`` (503 while draining), ``too_large`` (413);
 * ``stepserve:requests_cut_total{reason}``: admitted, then ended by the server or the client:
   ``deadline`` (the request's timeout), ``slow_reader``, ``drain_timeout``, ``client_disconnect``;
+* ``stepserve:admission_refused_total{reason}``: the 429s by the rule that refused them:
+  ``queue_delay`` (predicted wait beyond ``--max-queue-delay``), ``timeout`` (predicted first token
+  after the request's own deadline), ``in_flight`` and ``prompt_tokens`` (the hard bounds);
+* ``stepserve:admission_predicted_wait_seconds``: a one-token request's predicted wait now;
+  ``stepserve:step_cost_seconds{term}``: the measured step cost it comes from (``base``,
+  ``per_decode_row``, ``per_prompt_token``);
 * ``stepserve:admission_in_flight_requests`` / ``stepserve:admission_waiting_prompt_tokens``: what
-  admission bounds.
+  the hard bounds bound.
 """
 from __future__ import annotations
 
@@ -42,6 +48,22 @@ class BackpressureCollector:
                           ("drain_timeout", g.num_cut_at_drain_timeout), ("client_disconnect", g.num_disconnects)):
             cut.add_metric([reason], n)
         yield cut
+        by_rule = CounterMetricFamily(PREFIX + "admission_refused", "Requests answered 429, by the admission rule "
+                                      "that refused them (queue_delay, timeout, in_flight, prompt_tokens)",
+                                      labels=["reason"])
+        for reason, n in a.num_refused_by_reason.items():
+            by_rule.add_metric([reason], n)
+        yield by_rule
+        if a.predicted_wait_s is not None:
+            yield GaugeMetricFamily(PREFIX + "admission_predicted_wait_seconds", "Predicted wait of a one-token "
+                                    "request before its prefill starts, now", value=a.predicted_wait_s)
+        if (c := a.step_cost) is not None:
+            cost = GaugeMetricFamily(PREFIX + "step_cost_seconds", "The engine's measured step cost: base + "
+                                     "per_decode_row x rows + per_prompt_token x tokens", labels=["term"])
+            for term, v in (("base", c.base_s), ("per_decode_row", c.per_decode_s),
+                            ("per_prompt_token", c.per_prefill_token_s)):
+                cost.add_metric([term], v)
+            yield cost
         yield GaugeMetricFamily(PREFIX + "admission_in_flight_requests", "Admitted requests not yet ended: at most "
                                 "--max-seqs + --max-waiting-requests", value=a.num_in_flight)
         yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Prompt tokens of the admitted requests "

@@ -19,6 +19,7 @@ from step06_backpressure.admission import AdmissionConfig, Backlog
 from step06_backpressure.app import LimitsConfig, make_app
 from step06_backpressure.deadlines import Deadlines
 from step06_backpressure.gate import GateConfig
+from step06_backpressure.step_cost import StepCostModel, measured_core
 from step07_paged_kv import __doc__
 from step07_paged_kv.block_manager import BlockManager
 from step07_paged_kv.kv_view import kv_pool
@@ -55,11 +56,14 @@ def assemble_paged(ns: argparse.Namespace, build_runner: Callable[[LoadedModel, 
     registry, metrics, observers = observability(from_args(ObservabilityConfig, ns), model)
     view = EngineView(extras=[kv_pool, *view_extras])  # the playground's engine view, with the KV block pool
     observers.append(view)
-    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens)
+    cost = StepCostModel(sched.max_seqs, sched.max_num_batched_tokens)
+    backlog = Backlog(admission, sched.max_seqs, sched.max_num_batched_tokens, cost)
     deadlines = Deadlines(admission.request_timeout)
 
     def build(lm: LoadedModel) -> EngineCore:
-        return build_core(lm, build_runner(lm, model.max_model_len > 0), sched, cache_cfg, observers, [deadlines])
+        runner = build_runner(lm, model.max_model_len > 0)
+        return measured_core(lambda obs, pol: build_core(lm, runner, sched, cache_cfg, obs, pol), cost, sched,
+                             lm.model.config.vocab_size, observers, [deadlines])
 
     engine = AsyncEngine(model, build, request_policies=[backlog])
     metrics.bind_gauges(engine.stats)

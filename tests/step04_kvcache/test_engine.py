@@ -340,8 +340,8 @@ def test_request_policies_admit_all_or_none() -> None:
             if self.refuse:
                 raise RequestError("no", status=429)
 
-        def on_first_token(self, request: GenerationRequest) -> None:
-            calls.append(f"{self.name}:first")
+        def on_token(self, request: GenerationRequest) -> None:
+            calls.append(f"{self.name}:token")
 
         def on_finish(self, request: GenerationRequest) -> None:
             calls.append(f"{self.name}:finish")

@@ -42,7 +42,7 @@ def test_in_flight_is_bounded_by_rows_plus_waiting_and_beyond_is_a_429() -> None
 
 
 def test_waiting_prompt_tokens_are_bounded_until_the_first_token() -> None:
-    assert Backlog(AdmissionConfig(), max_running=8, step_tokens=77).max_waiting_tokens == 8 * 77  # the default
+    assert Backlog(AdmissionConfig(), max_running=8, step_tokens=77).max_waiting_tokens == (8 + 256) * 77  # the default
     b = Backlog(AdmissionConfig(max_waiting_prompt_tokens=25), max_running=8, step_tokens=77)
     a = req("a")
     b.admit([a, req("b")])
@@ -98,14 +98,16 @@ def test_unclaimed_reservations_are_released_and_claimed_ones_kept(monkeypatch: 
 
 def test_step06_settings_are_flags_and_checked() -> None:
     ns = build_parser("step06", "", AdmissionConfig, LimitsConfig, GateConfig).parse_args(
-        ["--max-waiting-requests", "4", "--max-waiting-prompt-tokens", "99", "--request-timeout", "2.5",
+        ["--max-queue-delay", "0.5", "--max-waiting-requests", "4", "--max-waiting-prompt-tokens", "99",
+         "--request-timeout", "2.5",
          "--max-prompt-tokens", "64", "--max-output-tokens", "8", "--max-body-bytes", "100",
          "--max-buffered-chunks", "3", "--drain-timeout", "1"])
-    assert from_args(AdmissionConfig, ns) == AdmissionConfig(4, 99, 1, 2.5)
+    assert from_args(AdmissionConfig, ns) == AdmissionConfig(0.5, 4, 99, 1, 2.5)
     assert from_args(LimitsConfig, ns) == LimitsConfig(64, 8)
     assert from_args(GateConfig, ns) == GateConfig(100, 3, 1.0)
     for bad in (lambda: AdmissionConfig(max_waiting_requests=-1), lambda: AdmissionConfig(request_timeout=-1),
-                lambda: AdmissionConfig(max_waiting_prompt_tokens=-1),
+                lambda: AdmissionConfig(max_waiting_prompt_tokens=-1), lambda: AdmissionConfig(max_queue_delay=-0.1),
+                lambda: AdmissionConfig(max_queue_delay=float("nan")),
                 lambda: GateConfig(max_buffered_chunks=0), lambda: LimitsConfig(max_prompt_tokens=-1)):
         with pytest.raises(ValueError):
             bad()

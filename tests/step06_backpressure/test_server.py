@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from engines_compare import loadgen
 
@@ -88,19 +89,30 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
     assert float(line.split()[-1]) >= 9
 
 
-def test_deadline_before_the_first_token_is_an_error_504(servers) -> None:
-    url = server(servers)
+@pytest.mark.parametrize("predicted", [True, False], ids=["predicted-wait", "bounds-only"])
+def test_a_timeout_shorter_than_the_wait_is_a_429_at_once_or_without_prediction_a_504(servers, predicted) -> None:
+    """With every row held for ~470 more steps, a 0.2 s timeout cannot be met: the predicted-wait rule
+    refuses it at once (429 naming ``timeout``, Retry-After); with it off (``--max-queue-delay 0``) the
+    request is admitted and fails at its deadline (504)."""
+    url = server(servers) if predicted else servers(STEP, MODEL, *FLAGS, "--max-queue-delay", "0").url
     wait_idle(url)
     blocker = raw_post(url, {**LONG, "n": 10})
     try:
         while httpx.get(url + "/ready").json()["scheduler"]["kv_rows_used"] < 10:
             time.sleep(0.02)
         r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "timeout": 0.2}, timeout=60)
-        assert_refusal(r, 504, "deadline_exceeded")
+        assert_refusal(r, 429 if predicted else 504, "server_overloaded" if predicted else "deadline_exceeded")
         assert r.json()["error"]["param"] == "timeout"
+        if predicted:  # refused before any work (no deadline passed: the counter below stays 0)
+            assert "timeout" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1, r.text
     finally:
         blocker.close()
-    assert wait_idle(url)["policies"]["deadlines"]["num_deadlines_exceeded"] >= 1
+    a = wait_idle(url)
+    if predicted:
+        assert a["policies"]["admission"]["num_refused_by_reason"]["timeout"] >= 1
+        assert a["policies"]["deadlines"]["num_deadlines_exceeded"] == 0
+    else:
+        assert a["policies"]["deadlines"]["num_deadlines_exceeded"] >= 1
 
 
 def test_storm_of_disconnects_returns_every_row_and_reservation(servers) -> None:
