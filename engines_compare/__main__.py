@@ -1,4 +1,4 @@
-"""One entry point: ``python -m engines_compare {bench,machine,conform,launch,inprocess,soak,bench-kv} ...``.
+"""One entry point: ``python -m engines_compare {bench,machine,conform,launch,inprocess,soak,bench-kv,overload} ...``.
 
 Each subcommand's own module parses the rest of the command line and is imported only when
 chosen, so ``bench`` never pays for the conformance suite and ``launch`` never for the client.
@@ -17,10 +17,12 @@ COMMANDS = {
     "inprocess": "drive step 04's engine in-process: throughput, step overhead, observer cost, hand-off",
     "soak": "repeated overload bursts against a step 06+ server it starts: memory and lost requests",
     "bench-kv": "bench servers it starts, then record each one's /health (step 07's KV figures)",
+    "overload": "an overload run's admission figures: lost, refused, TTFT against unloaded, Retry-After error",
 }
 MODULES = {"bench": "engines_compare.bench", "machine": "engines_compare.machine",
            "conform": "engines_compare.conformance.cli", "launch": "engines_compare.launchers",
-           "inprocess": "engines_compare.inprocess", "soak": "engines_compare.soak", "bench-kv": "engines_compare.bench_kv"}
+           "inprocess": "engines_compare.inprocess", "soak": "engines_compare.soak", "bench-kv": "engines_compare.bench_kv",
+           "overload": "engines_compare.overload"}
 
 
 def _dispatch(command: str, rest: list[str]) -> int:

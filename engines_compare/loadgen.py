@@ -174,6 +174,8 @@ class _Response:
         self.status = self.parser.status = int(parts[1])
         headers = {k.strip().lower(): v.strip().lower() for k, _, v in (h.partition(b":") for h in lines[1:])}
         self.keep_alive = headers.get(b"connection") != b"close" and parts[0] == b"HTTP/1.1"
+        if (retry := headers.get(b"retry-after", b"")).replace(b".", b"", 1).isdigit():  # seconds (not a date)
+            self.parser.rec.retry_after = float(retry)
         if headers.get(b"transfer-encoding") == b"chunked":
             self.body = _Dechunker()
         elif b"content-length" in headers:

@@ -44,6 +44,7 @@ class RequestRecord:
     expected_output_tokens: int | None = None
     error: str | None = None
     status: int | None = None  # the HTTP status, None without a response
+    retry_after: float | None = None  # the Retry-After header (seconds) of a refusal
 
     @property
     def ok(self) -> bool:

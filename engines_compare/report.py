@@ -133,12 +133,12 @@ def write_csv(doc: dict[str, Any], summary_path: Path, requests_path: Path) -> N
     with requests_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["target", "point", "index", "start_s", "end_s", "prompt_tokens", "output_tokens",
-                    "expected_output_tokens", "error", "chunk_times_s", "status"])
+                    "expected_output_tokens", "error", "chunk_times_s", "status", "retry_after_s"])
         for r in doc["runs"]:
             for q in r["requests"]:
                 w.writerow([r["target"], r["point"], q["index"], q["start"], q["end"], q["prompt_tokens"],
                             q["output_tokens"], q["expected_output_tokens"], q["error"] or "",
-                            " ".join(map(str, q["chunk_times"])), q.get("status")])
+                            " ".join(map(str, q["chunk_times"])), q.get("status"), q.get("retry_after")])
 
 
 def load_results(paths: Iterable[Path | str]) -> list[dict[str, Any]]:
