@@ -49,8 +49,10 @@ def target_figures(unloaded: dict[str, Any], overload: dict[str, Any]) -> dict[s
 def figures(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     by_target: dict[str, dict[str, dict[str, Any]]] = {}
     for run in doc["runs"]:
-        kind = "overload" if run["load"].get("request_rate") else "unloaded"
-        by_target.setdefault(run["target"], {})[kind] = run
+        load = run["load"]
+        kind = "overload" if load.get("request_rate") else "unloaded" if load.get("concurrency") == 1 else None
+        if kind is not None:
+            by_target.setdefault(run["target"], {})[kind] = run
     return {t: target_figures(p["unloaded"], p["overload"]) for t, p in by_target.items()
             if "unloaded" in p and "overload" in p}
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from shared.config import flag_field
 from shared.engine import GenerationRequest
@@ -98,11 +98,11 @@ class Backlog:
     name = "admission"
 
     def __init__(self, config: AdmissionConfig, max_running: int, step_tokens: int = 256,
-                 cost: StepCostModel | None = None) -> None:
+                 cost: StepCostModel | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         """``max_running``: the engine's rows (``--max-seqs``); ``step_tokens``: its step budget;
         ``cost``: the engine's measured step cost (an observer of its core); without it, or with
-        ``--max-queue-delay 0``, only the hard bounds decide."""
-        self.config, self.max_running, self.step_tokens = config, max_running, step_tokens
+        ``--max-queue-delay 0``, only the hard bounds decide; ``clock``: the steps' clock."""
+        self.config, self.max_running, self.step_tokens, self.clock = config, max_running, step_tokens, clock
         self.cost = cost if config.max_queue_delay > 0 else None
         self.max_in_flight = max_running + config.max_waiting_requests
         self.max_waiting_tokens = config.max_waiting_prompt_tokens or self.max_in_flight * step_tokens
@@ -129,7 +129,7 @@ class Backlog:
                 waiting.append(_work(a.request))
             else:
                 left.append(max(0, a.request.params.max_tokens - a.num_tokens))
-        return predict(cost, self.max_running, self.step_tokens, left, waiting, new)
+        return predict(cost, self.max_running, self.step_tokens, left, waiting, new, self.clock())
 
     def overloaded(self) -> bool:
         """No room for even a one-token request now: what ``/ready`` reports."""
@@ -140,7 +140,7 @@ class Backlog:
 
     def admit(self, requests: Sequence[GenerationRequest]) -> None:
         """Reserve room for all of ``requests`` (one client request), or raise a 429."""
-        now = time.monotonic()
+        now = self.clock()
         self._expire(now)
         c = self.config
         tokens = sum(len(r.prompt_token_ids) for r in requests)

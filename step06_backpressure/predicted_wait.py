@@ -1,8 +1,9 @@
 """Predict a new request's wait for its first token from the work admitted before it.
 
 Central rule: replay the admitted requests in arrival order over the engine's rows, at the
-measured step cost. A request's prefill starts when it has a row (``--max-seqs``: a running
-request gives its row back after its remaining tokens, one decode step each) and the prompts
+measured step cost, from the end of the step running now. A request's prefill starts when it has
+a row (``--max-seqs``: a running request gives its row back after its remaining tokens, one step
+each at the pace the engine goes, prefill chunks included) and the prompts
 admitted before it are done (prefill is first come, first served); it ends its prompt's tokens
 later (prompts share steps, in chunks of what a step's budget leaves beside the decodes, each
 paying its share), and then holds its row for ``max_tokens - 1`` more decode steps. The new request's **wait** is when its own prefill can start; its
@@ -44,25 +45,28 @@ class Prediction:
 
 
 def predict(cost: StepCost, max_seqs: int, step_tokens: int, tokens_left: Sequence[int], waiting: Sequence[Work],
-            new: Sequence[Work]) -> Prediction:
+            new: Sequence[Work], now: float | None = None) -> Prediction:
     """The prediction for the last of ``new`` (one client request's choices, in order).
 
     ``tokens_left``: the running requests' remaining output tokens (each holds a row);
-    ``waiting``: the admitted requests without a first token, in arrival order."""
+    ``waiting``: the admitted requests without a first token, in arrival order; ``now``: the
+    ``time.monotonic()`` of the question, to count what is left of the step running (None: none)."""
     queue = [*waiting, *new]
     in_flight = len(tokens_left) + len(queue)
     decoding = min(max_seqs, max(1, in_flight))  # rows decoding while this queue drains
-    decode_s = cost.step_s(decoding)
+    busy = bool(tokens_left or waiting)
+    decode_s = max(cost.step_s(decoding), cost.recent_step_s if tokens_left else 0.0)  # the pace it goes at
+    t0 = cost.in_progress_s(now) if busy and now is not None else 0.0  # nothing new joins the step running
     room = max(1, step_tokens - min(max_seqs, len(tokens_left)))  # prompt tokens a step takes beside the decodes
     chunk_s = cost.step_s(decoding - 1)  # a step's cost beside its prompt tokens
 
     def prefill_s(tokens: int) -> float:  # prompts share steps: each pays its share of them
         return tokens / room * chunk_s + tokens * cost.per_prefill_token_s
 
-    rows = [n * decode_s for n in sorted(tokens_left)[:max_seqs]]  # when each busy row is free
-    rows += [0.0] * (max_seqs - len(rows))
+    rows = [t0 + n * decode_s for n in sorted(tokens_left)[:max_seqs]]  # when each busy row is free
+    rows += [t0] * (max_seqs - len(rows))
     heapq.heapify(rows)
-    prefill_end, start, row_free, ttft = 0.0, 0.0, 0.0, 0.0
+    prefill_end, start, row_free, ttft = t0, t0, t0, t0
     for w in queue:
         row_free = heapq.heappop(rows)
         start = max(row_free, prefill_end)

@@ -5,8 +5,10 @@ tokens)`` seconds, three coefficients fitted on the engine thread after every st
 exponentially weighted least squares (each step counts ``DECAY`` as much as the next one: a memory
 of about 50 steps), pulled towards the start-up measurement (a ridge of ``PRIOR_WEIGHT`` steps)
 where the recent steps say nothing about a coefficient: a server that only decoded for a minute
-still knows what a prompt token costs. The fit is published as one frozen :class:`StepCost`, so
-the event loop reads it without a lock.
+still knows what a prompt token costs. Beside the fit it keeps the pace the engine really goes at
+(a moving average of the steps as they come, prefill chunks included: what a running request's
+remaining tokens take) and when the last step ended (what is left of the one running now). All of
+it is published as one frozen :class:`StepCost`, so the event loop reads it without a lock.
 
 A cold server has measured nothing, so :func:`calibrate` runs a few requests through a throwaway
 core over the real runner before the server says it is ready: a long prompt then one sequence
@@ -37,6 +39,7 @@ from step04_kvcache.scheduler import SchedulerConfig
 
 log = logging.getLogger("step06_backpressure")
 DECAY = 0.98  # weight of a step relative to the one after it
+RECENT = 0.1  # weight of the newest step in the moving average of step times
 PRIOR_WEIGHT = 2.0  # the start-up fit counts as this many steps in each direction
 
 
@@ -46,6 +49,12 @@ class StepCost:
     per_decode_s: float  # each decode row
     per_prefill_token_s: float  # each prompt token
     num_steps: int  # steps measured so far (calibration included)
+    recent_step_s: float = 0.0  # moving average of the steps as they come (prefill chunks and all)
+    last_step_end: float = 0.0  # time.monotonic() at the end of the last step: the next began then
+
+    def in_progress_s(self, now: float) -> float:
+        """What is left of the step running now (the engine starts the next as one ends)."""
+        return max(0.0, self.last_step_end + self.recent_step_s - now)
 
     def step_s(self, num_decodes: int, num_prefill_tokens: int = 0) -> float:
         return self.base_s + self.per_decode_s * num_decodes + self.per_prefill_token_s * num_prefill_tokens
@@ -65,6 +74,7 @@ class StepCostModel:
         self._prior = np.zeros(3)
         self._prior_weight = 0.0  # none until calibrated
         self._n = 0
+        self._recent = 0.0
         self.cost: StepCost | None = None  # read on the event loop; None: nothing measured yet
 
     def on_step(self, stats: StepStats) -> None:
@@ -72,20 +82,21 @@ class StepCostModel:
         self._a = DECAY * self._a + np.outer(x, x)
         self._b = DECAY * self._b + x * stats.step_s
         self._n += 1
-        self.cost = self._solve()
+        self._recent = stats.step_s if self._n == 1 else (1 - RECENT) * self._recent + RECENT * stats.step_s
+        self.cost = self._solve(stats.time)
 
     def on_request_finished(self, stats: RequestStats) -> None:
         pass
 
-    def _solve(self) -> StepCost:
+    def _solve(self, now: float) -> StepCost:
         ridge = self._prior_weight if self._prior_weight else 1e-6  # before calibration: least squares
         theta = np.linalg.solve(self._a + ridge * np.eye(3), self._b + ridge * self._prior)
         base, per_decode, per_token = (np.maximum(theta, 0.0) / self.scale).tolist()
-        return StepCost(base, per_decode, per_token, self._n)
+        return StepCost(base, per_decode, per_token, self._n, self._recent, now)
 
     def reset(self) -> None:
         """Forget what was measured (calibration's first pass)."""
-        self._a, self._b, self._n, self.cost = np.zeros((3, 3)), np.zeros(3), 0, None
+        self._a, self._b, self._n, self._recent, self.cost = np.zeros((3, 3)), np.zeros(3), 0, 0.0, None
 
     def keep_as_prior(self) -> None:
         """The fit so far (calibration's) is what the model falls back on from now on."""

@@ -48,6 +48,7 @@ def test_refusals_carry_their_status_and_are_not_failures(status: int) -> None:
 
     records = asyncio.run(go())
     assert all(r.status == status and r.refused and not r.ok and "server_overloaded" in r.error for r in records)
+    assert all(r.retry_after == 1.0 for r in records)  # the header, for Retry-After against reality
     s = summarize(records)
     assert (s.completed, s.failed, s.refused, s.refusal_latency.count) == (0, 0, 3, 3)
 
@@ -102,3 +103,25 @@ def test_target_flags_go_to_their_step_only() -> None:
     assert cfg.target_flags == (("step06_backpressure", ("--max-waiting-requests", "0", "--retry-after", "2")),)
     with pytest.raises(ValueError, match="--target-flags"):
         bench.config_from_args(ap.parse_args(["--target", "null", "--target-flags", "no-equals-sign"]))
+
+
+def test_overload_figures_count_lost_requests_and_retry_after_against_the_next_admission() -> None:
+    from engines_compare.overload import figures
+
+    def rec(i: int, start: float, status: int | None, ttft: float = 0.1, retry: float | None = None) -> dict:
+        ok = status == 200
+        return dataclasses.asdict(RequestRecord(i, start, [start + ttft] if ok else [], start + ttft, output_tokens=1,
+                                                error=None if ok else f"HTTP {status}", status=status,
+                                                retry_after=retry))
+
+    calm = [rec(i, float(i), 200, ttft=0.1) for i in range(5)]
+    load = [rec(0, 0.0, 200, ttft=0.3), rec(1, 0.5, 429, retry=2.0), rec(2, 1.0, 429, retry=1.0),
+            rec(3, 2.0, 200, ttft=0.2), rec(4, 3.0, None)]  # the last: no answer at all (lost)
+    doc = {"runs": [{"target": "s", "load": {"concurrency": 1}, "requests": calm},
+                    {"target": "s", "load": {"concurrency": 16}, "requests": []},  # ignored: not the unloaded point
+                    {"target": "s", "load": {"request_rate": 10.0}, "requests": load}]}
+    f = figures(doc)["s"]
+    assert (f["requests"], f["answered"], f["refused"], f["lost"]) == (5, 2, 2, 1)
+    assert f["ttft_p99_over_unloaded"] == pytest.approx(f["ttft_p99_ms"] / 100.0)
+    # next admission after 0.5 s came at 2.0 s (1.5 s later, told 2.0: +0.5); after 1.0 s: 1.0 later, told 1.0: 0
+    assert f["retry_after_error_median_s"] == pytest.approx(0.25) and f["retry_after_n"] == 2

@@ -48,6 +48,14 @@ def test_with_every_row_busy_the_wait_is_until_the_earliest_row_frees() -> None:
     assert p3.wait_s == pytest.approx(p2.wait_s)
 
 
+def test_a_busy_engine_counts_the_rest_of_the_step_running_now_and_its_real_pace() -> None:
+    c = StepCost(0.1, 0.0, 0.0, 10, recent_step_s=0.2, last_step_end=10.0)  # steps take 0.2 s with prefills in
+    p = predict(c, 2, 64, tokens_left=[3, 5], waiting=[], new=[Work(8, 4)], now=10.05)
+    assert p.wait_s == pytest.approx(0.15 + 3 * 0.2)  # 0.15 s left of this step, then 3 steps at the pace seen
+    idle = predict(c, 2, 64, tokens_left=[], waiting=[], new=[Work(8, 4)], now=10.05)
+    assert idle.wait_s == 0  # nothing runs: the next step starts now
+
+
 def test_prompts_ahead_delay_the_prefill_by_their_share_of_steps() -> None:
     c = cost(0.1, 0.0, 0.001)
     p = predict(c, 8, 64, tokens_left=[], waiting=[Work(128, 4)], new=[Work(16, 4)])
@@ -82,13 +90,13 @@ def test_the_step_cost_fit_recovers_a_linear_cost_and_keeps_the_prior_where_step
 
 
 class FixedStep:
-    """The fake model's clock: every step is reported to the cost model as ``STEP`` seconds."""
+    """The fake model's clock: every step takes ``STEP`` seconds of ``clock`` (a one-item list)."""
 
-    def __init__(self, model: StepCostModel) -> None:
-        self.model = model
+    def __init__(self, model: StepCostModel, clock: list[float]) -> None:
+        self.model, self.clock = model, clock
 
-    def on_step(self, stats: StepStats) -> None:
-        self.model.on_step(dataclasses.replace(stats, step_s=STEP))
+    def on_step(self, stats: StepStats) -> None:  # called inside the step: it ends STEP after it began
+        self.model.on_step(dataclasses.replace(stats, step_s=STEP, time=self.clock[0] + STEP))
 
     def on_request_finished(self, stats: Any) -> None:
         pass
@@ -110,7 +118,11 @@ class Run:
     refused: list[tuple[float, GenerationRequest, RequestError]]  # (arrival, request, the 429)
     backlog: Backlog
     core: EngineCore
-    clock: float = 0.0
+    now: list[float]  # the virtual clock
+
+    @property
+    def clock(self) -> float:
+        return self.now[0]
 
 
 def simulate(arrivals: list[tuple[float, GenerationRequest]], config: AdmissionConfig,
@@ -118,11 +130,13 @@ def simulate(arrivals: list[tuple[float, GenerationRequest]], config: AdmissionC
     """Step 06's core and backlog on a virtual clock: arrivals at step boundaries, each step ``STEP``."""
     lm = _tiny()
     runner = build_contiguous_runner(lm, sched, RunnerConfig(0.01), explicit_len=False)
-    model = StepCostModel(sched.max_seqs, sched.max_num_batched_tokens)
-    calibrate(EngineCore(ContiguousScheduler(sched, runner.max_len, ()), runner, observers=[FixedStep(model)]), model,
-              sched.max_seqs, sched.max_num_batched_tokens, lm.model.config.vocab_size)
-    core = EngineCore(ContiguousScheduler(sched, runner.max_len, ()), runner, observers=[FixedStep(model)])
-    run = Run({}, [], Backlog(config, sched.max_seqs, sched.max_num_batched_tokens, model), core)
+    model, now = StepCostModel(sched.max_seqs, sched.max_num_batched_tokens), [-100.0]  # calibrated long before
+    calibrate(EngineCore(ContiguousScheduler(sched, runner.max_len, ()), runner, observers=[FixedStep(model, now)]),
+              model, sched.max_seqs, sched.max_num_batched_tokens, lm.model.config.vocab_size)
+    now[0] = 0.0
+    core = EngineCore(ContiguousScheduler(sched, runner.max_len, ()), runner, observers=[FixedStep(model, now)])
+    backlog = Backlog(config, sched.max_seqs, sched.max_num_batched_tokens, model, clock=lambda: now[0])
+    run = Run({}, [], backlog, core, now)
     pending, arrived = sorted(arrivals, key=lambda a: a[0]), {}
     while pending or core.has_work():
         while pending and pending[0][0] <= run.clock + 1e-9:
@@ -137,10 +151,10 @@ def simulate(arrivals: list[tuple[float, GenerationRequest]], config: AdmissionC
             assert core.add(Entry(r, None)) == []  # type: ignore[arg-type]
         if not core.has_work():
             if pending:
-                run.clock = pending[0][0]
+                now[0] = pending[0][0]
             continue
         outputs = core.step()
-        run.clock += STEP
+        now[0] += STEP
         for entry, item in outputs:
             r = entry.request
             if isinstance(item, TokenEvent):
