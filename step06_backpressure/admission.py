@@ -43,7 +43,7 @@ REASONS = ("queue_delay", "timeout", "in_flight", "prompt_tokens")  # why a requ
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     max_queue_delay: float = flag_field(
-        0.25, "most predicted wait in seconds before a request's prefill can start; beyond: 429 with "
+        0.1, "most predicted wait in seconds before a request's prefill can start; beyond: 429 with "
         "Retry-After the predicted time until it fits (0: off, only the hard bounds decide)")
     max_waiting_requests: int = flag_field(
         256, "hard bound: most requests admitted beyond --max-seqs, waiting for a row (in flight: at most "
