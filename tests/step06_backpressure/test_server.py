@@ -81,12 +81,23 @@ def test_burst_beyond_the_backlog_is_refused_with_429_and_nothing_is_lost(server
         assert_refusal(r, 429, "server_overloaded")
     for r in done:
         assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 4
-    # With the 10 rows busy, 3 more may wait for one: at least 9 of 12 are refused at once.
+    # With the 10 rows busy for ~470 more steps, none may wait (and the hard bound lets only 3 try).
     assert len(refused) >= 9 and len(done) + len(refused) == 12, [r.status_code for r in responses]
-    assert wait_idle(url)["policies"]["admission"]["num_refused"] >= 9
+    admission = wait_idle(url)["policies"]["admission"]
+    assert admission["num_refused"] >= 9
+    # rows held for ~470 more steps: the predicted wait refused them, with the wait in the message
+    assert admission["num_refused_by_reason"]["queue_delay"] >= 9 and admission["step_cost"]["num_steps"] > 0
+    assert admission["predicted_wait_s"] == 0.0  # idle again
+    assert any("predicted wait" in r.json()["error"]["message"] for r in refused)
     metrics = httpx.get(url + "/metrics").text  # step 05's registry counts them too
-    line = next(x for x in metrics.splitlines() if x.startswith('stepserve:requests_refused_total{reason="overloaded"}'))
-    assert float(line.split()[-1]) >= 9
+
+    def value(prefix: str) -> float:
+        return float(next(x for x in metrics.splitlines() if x.startswith(prefix)).split()[-1])
+
+    assert value('stepserve:requests_refused_total{reason="overloaded"}') >= 9
+    assert value('stepserve:admission_refused_total{reason="queue_delay"}') >= 9
+    assert value("stepserve:admission_predicted_wait_seconds") == 0.0
+    assert value('stepserve:step_cost_seconds{term="base"}') > 0
 
 
 @pytest.mark.parametrize("predicted", [True, False], ids=["predicted-wait", "bounds-only"])
