@@ -19,7 +19,7 @@ follow step 05's ``stepserve:`` prefix:
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -36,36 +36,36 @@ class BackpressureCollector:
     def collect(self) -> Iterator[Metric]:
         g, a = self.gate.stats(), self.backlog.stats()
         deadline = self.deadlines.stats().num_deadlines_exceeded if self.deadlines is not None else 0
-        refused = CounterMetricFamily(PREFIX + "requests_refused", "Requests turned away before any work, "
-                                      "by reason (overloaded: 429, shutting_down: 503, too_large: 413)", labels=["reason"])
-        for reason, n in (("overloaded", a.num_refused), ("shutting_down", g.num_turned_away),
-                          ("too_large", g.num_too_large)):
-            refused.add_metric([reason], n)
-        yield refused
-        cut = CounterMetricFamily(PREFIX + "requests_cut", "Admitted requests ended early, by reason (deadline, "
-                                  "slow_reader, drain_timeout, client_disconnect)", labels=["reason"])
-        for reason, n in (("deadline", deadline), ("slow_reader", g.num_slow_reader_aborts),
-                          ("drain_timeout", g.num_cut_at_drain_timeout), ("client_disconnect", g.num_disconnects)):
-            cut.add_metric([reason], n)
-        yield cut
-        by_rule = CounterMetricFamily(PREFIX + "admission_refused", "Requests answered 429, by the admission rule "
-                                      "that refused them (queue_delay, timeout, in_flight, prompt_tokens)",
-                                      labels=["reason"])
-        for reason, n in a.num_refused_by_reason.items():
-            by_rule.add_metric([reason], n)
-        yield by_rule
+        yield _labelled(CounterMetricFamily, "requests_refused", "Requests turned away before any work, by reason "
+                        "(overloaded: 429, shutting_down: 503, too_large: 413)", "reason",
+                        (("overloaded", a.num_refused), ("shutting_down", g.num_turned_away),
+                         ("too_large", g.num_too_large)))
+        yield _labelled(CounterMetricFamily, "requests_cut", "Admitted requests ended early, by reason (deadline, "
+                        "slow_reader, drain_timeout, client_disconnect)", "reason",
+                        (("deadline", deadline), ("slow_reader", g.num_slow_reader_aborts),
+                         ("drain_timeout", g.num_cut_at_drain_timeout), ("client_disconnect", g.num_disconnects)))
+        yield _labelled(CounterMetricFamily, "admission_refused", "Requests answered 429, by the admission rule that "
+                        "refused them (queue_delay, timeout, in_flight, prompt_tokens)", "reason",
+                        a.num_refused_by_reason.items())
         if a.predicted_wait_s is not None:
             yield GaugeMetricFamily(PREFIX + "admission_predicted_wait_seconds", "Predicted wait of a one-token "
                                     "request before its prefill starts, now", value=a.predicted_wait_s)
         if (c := a.step_cost) is not None:
-            cost = GaugeMetricFamily(PREFIX + "step_cost_seconds", "The engine's measured step cost: base + "
-                                     "per_decode_row x rows + per_prompt_token x tokens", labels=["term"])
-            for term, v in (("base", c.base_s), ("per_decode_row", c.per_decode_s),
-                            ("per_prompt_token", c.per_prefill_token_s)):
-                cost.add_metric([term], v)
-            yield cost
+            yield _labelled(GaugeMetricFamily, "step_cost_seconds", "The engine's measured step cost: base + "
+                            "per_decode_row x rows + per_prompt_token x tokens", "term",
+                            (("base", c.base_s), ("per_decode_row", c.per_decode_s),
+                             ("per_prompt_token", c.per_prefill_token_s)))
         yield GaugeMetricFamily(PREFIX + "admission_in_flight_requests", "Admitted requests not yet ended: at most "
                                 "--max-seqs + --max-waiting-requests", value=a.num_in_flight)
         yield GaugeMetricFamily(PREFIX + "admission_waiting_prompt_tokens", "Prompt tokens of the admitted requests "
                                 "without a first token: at most --max-waiting-prompt-tokens",
                                 value=a.num_waiting_prompt_tokens)
+
+
+def _labelled(family: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, help: str, label: str,
+              values: Iterable[tuple[str, float]]) -> Metric:
+    """One metric family with a sample per label value."""
+    metric = family(PREFIX + name, help, labels=[label])
+    for value, n in values:
+        metric.add_metric([value], n)
+    return metric
