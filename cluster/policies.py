@@ -27,6 +27,7 @@ import itertools
 from typing import Mapping, Protocol, Sequence
 
 TIER_HEADER = "x-stepserve-tier"
+TIERS = ("fast", "quality")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class ReplicaLoad:
     outstanding: int = 0  # requests the router has sent it and not yet seen end
     num_waiting: int = 0  # its scheduler's waiting requests (its /metrics)
     kv_usage: float = 0.0  # its KV cache usage, 0..1 (its /metrics)
+    tier: str = "quality"  # its pool, for ``tiered``
 
     @property
     def key(self) -> tuple[int, int, float]:
@@ -111,7 +113,7 @@ class TierRule:
 
     def tier(self, request: RouteRequest) -> str:
         asked = request.headers.get(TIER_HEADER, "").strip().lower()
-        if asked in ("fast", "quality"):
+        if asked in TIERS:
             return asked
         short = (len(request.prompt_token_ids) <= self.max_fast_prompt_tokens
                  and request.max_tokens <= self.max_fast_output_tokens)
@@ -119,18 +121,19 @@ class TierRule:
 
 
 class Tiered:
-    def __init__(self, pools: Mapping[str, Sequence[str]], rule: TierRule = TierRule(),
-                 inner: Mapping[str, Policy] | None = None) -> None:
-        """``pools``: replica names per tier (``fast``, ``quality``); ``inner``: each pool's policy
-        (default least-loaded). A tier with no live replica falls back to the other one."""
-        self.pools, self.rule = {t: set(names) for t, names in pools.items()}, rule
-        self.inner = dict(inner or {t: LeastLoaded() for t in pools})
+    def __init__(self, rule: TierRule = TierRule(), inner: Mapping[str, Policy] | None = None) -> None:
+        """Each replica's pool is its ``tier`` (a replica is deployed into one). ``inner``: each
+        pool's policy (default least-loaded). A tier with no live replica falls back to the other."""
+        self.rule = rule
+        self.inner = dict(inner or {t: LeastLoaded() for t in TIERS})
+        self.num_routed = {t: 0 for t in TIERS}
 
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaLoad]) -> str:
         tier = self.rule.tier(request)
-        for t in (tier, *(t for t in self.pools if t != tier)):
-            members = [r for r in replicas if r.name in self.pools.get(t, ())]
+        for t in (tier, *(t for t in TIERS if t != tier)):
+            members = [r for r in replicas if r.tier == t]
             if members:
+                self.num_routed[t] += 1
                 return self.inner[t].choose(request, members)
         raise LookupError("no replica in any tier")
 

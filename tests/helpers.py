@@ -7,9 +7,13 @@ side's token must be among the other side's top-5 log-probabilities; then stop c
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import subprocess
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
 from shared.config import ModelConfig
@@ -83,3 +87,23 @@ def usage_error(step: str, *flags: str, env: dict[str, str] | None = None) -> st
                        text=True, timeout=60, env=env)
     assert r.returncode == 2, r.stderr[-500:]
     return r.stderr.splitlines()[-1]
+
+
+def apt_binary(binary: str, package: str, timeout_s: float = 900.0) -> str:
+    """The path of ``binary``, installing Debian's ``package`` with apt-get where it is missing and this
+    user may (root); skips the test, saying why, where it cannot."""
+    if found := shutil.which(binary):
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{binary} is not installed, and installing it needs root and apt-get "
+                    f"(Debian: apt-get install {package})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    for cmd in (install, ["apt-get", "update"], install):  # the package lists may be missing or stale
+        try:
+            subprocess.run(cmd, env=env, capture_output=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            break
+        if found := shutil.which(binary):
+            return found
+    pytest.skip(f"{binary} is not installed and `apt-get install {package}` failed here")

@@ -71,16 +71,17 @@ def test_the_load_guard_overrides_affinity_only_while_load_is_imbalanced() -> No
 
 
 def test_tiered_routes_short_requests_to_the_fast_pool_and_obeys_the_header() -> None:
-    p = Tiered({"fast": ["f1", "f2"], "quality": ["q1"]}, TierRule(max_fast_prompt_tokens=8, max_fast_output_tokens=32))
-    loads = [ReplicaLoad("f1", 3), ReplicaLoad("f2", 1), ReplicaLoad("q1")]
+    p = Tiered(TierRule(max_fast_prompt_tokens=8, max_fast_output_tokens=32))
+    loads = [ReplicaLoad("f1", 3, tier="fast"), ReplicaLoad("f2", 1, tier="fast"), ReplicaLoad("q1", 5)]
     assert p.choose(req([1] * 8, 32), loads) == "f2"  # short: fast pool, its least loaded
     assert p.choose(req([1] * 9, 32), loads) == "q1"  # prompt too long
     assert p.choose(req([1] * 8, 33), loads) == "q1"  # asks for too many tokens
     assert p.choose(req([1] * 100, 500, x_stepserve_tier="fast"), loads) == "f2"
     assert p.choose(req([1], 1, x_stepserve_tier="quality"), loads) == "q1"
     assert p.choose(req([1], 1), [ReplicaLoad("q1")]) == "q1"  # no fast replica alive: the other tier
+    assert p.num_routed == {"fast": 2, "quality": 4}
     with pytest.raises(LookupError):
-        p.choose(req([1], 1), [ReplicaLoad("zz")])
+        p.choose(req([1], 1), [ReplicaLoad("zz", tier="other")])
 
 
 def test_router_admission_is_a_global_bound_that_frees_on_leave() -> None:

@@ -1,11 +1,13 @@
-"""The router in front of two real step 07 replicas (tiny-llama, one thread each), itself served by
-uvicorn on a free port: where requests land, that the prefix cache of the chosen replica is hit,
-and streams passed through unchanged. (The router's own 429 and its 503 for an unreachable replica
-have no test yet: issue 16 is in progress.)"""
+"""The router alone (no Ray), served by uvicorn on a free port, in front of two real step 07 replicas
+(tiny-llama, one thread each): where requests land, that the chosen replica's prefix cache is hit,
+tiers, streams passed through unchanged; and in front of a slow null server: the global bound's
+429 and a dead replica's 503."""
 from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -13,14 +15,20 @@ from typing import Any, Iterator
 import httpx
 import uvicorn
 
-from cluster.policies import Admission, PrefixAffinity, RoundRobin
-from cluster.router import Router, make_router_app
+from cluster.app import make_router_app
+from cluster.discovery import Endpoint, StaticEndpoints
+from cluster.policies import Admission, PrefixAffinity, RoundRobin, Tiered, TierRule
+from cluster.router import Router
 from shared.config import ModelConfig
 from shared.models import load_tokenizer
-from tests.conftest import SMALL_POOL, free_port
+from tests.conftest import ROOT, SMALL_POOL, free_port
 
 FLAGS = (*SMALL_POOL, "--threads", "1", "--max-queue-delay", "60")
 TOKENIZER = load_tokenizer(ModelConfig(model="tiny-llama"))
+
+
+def static(urls: dict[str, str], tiers: dict[str, str] | None = None) -> StaticEndpoints:
+    return StaticEndpoints([Endpoint(n, u, (tiers or {}).get(n, "quality")) for n, u in urls.items()])
 
 
 def replicas(servers: Any) -> dict[str, str]:
@@ -58,7 +66,7 @@ def health(url: str) -> dict[str, Any]:
 def test_prefix_affinity_sends_a_shared_prefix_to_one_replica_and_hits_its_cache(servers) -> None:
     urls = replicas(servers)
     before = {name: health(url)["prefix_cache_hits"] for name, url in urls.items()}
-    router = Router(urls, PrefixAffinity(block_size=16, max_blocks=2), TOKENIZER, Admission(64))
+    router = Router(static(urls), PrefixAffinity(block_size=16, max_blocks=2), TOKENIZER, Admission(64))
     prefix = list(range(5, 5 + 40))  # two full blocks of 16 shared, then a different tail each
     landed = []
     with serving(router) as url:
@@ -76,7 +84,7 @@ def test_prefix_affinity_sends_a_shared_prefix_to_one_replica_and_hits_its_cache
 
 def test_round_robin_alternates_and_streams_pass_through_unchanged(servers) -> None:
     urls = replicas(servers)
-    router = Router(urls, RoundRobin(), TOKENIZER, Admission(64))
+    router = Router(static(urls), RoundRobin(), TOKENIZER, Admission(64))
     body = {"prompt": "Hello there", "max_tokens": 5, "stream": True, "ignore_eos": True, "temperature": 0,
             "stream_options": {"include_usage": True}}
 
@@ -94,3 +102,87 @@ def test_round_robin_alternates_and_streams_pass_through_unchanged(servers) -> N
         chunks = [json.loads(line[6:]) for line in lines[:-1]]
         assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == direct["choices"][0]["text"]
         assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_tiered_sends_short_requests_to_the_fast_pool_and_obeys_the_header(servers) -> None:
+    urls = replicas(servers)
+    router = Router(static(urls, {"r0": "fast"}), Tiered(TierRule(max_fast_prompt_tokens=16, max_fast_output_tokens=8)),
+                    TOKENIZER, Admission(64))
+    with serving(router) as url:
+        def tier_of(prompt: list[int], max_tokens: int, **headers: str) -> str:
+            r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens},
+                           headers=headers, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.headers["x-stepserve-replica"]
+        assert tier_of([5] * 10, 8) == "r0"  # short: fast
+        assert tier_of([5] * 40, 8) == "r1"  # a long prompt: quality
+        assert tier_of([5] * 10, 9) == "r1"  # many tokens asked: quality
+        assert tier_of([5] * 40, 30, **{"X-Stepserve-Tier": "fast"}) == "r0"
+    assert router.policy.num_routed == {"fast": 2, "quality": 2}
+
+
+@contextlib.contextmanager
+def null_server(*flags: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engines_compare.null_server", "--port", str(port), *flags],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "the null server did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_global_bound_answers_429_with_retry_after_while_two_streams_are_in_flight() -> None:
+    with null_server("--itl-ms", "100") as upstream:  # a 64-token stream takes 6.3 s
+        router = Router(static({"null": upstream}), RoundRobin(), TOKENIZER, Admission(2, retry_after_s=3))
+        with serving(router) as url, contextlib.ExitStack() as streams:
+            body = {"model": "null", "prompt": "hi", "max_tokens": 64, "stream": True}
+            lines = []  # held: a dropped line iterator would close its stream
+            for _ in range(2):
+                r = streams.enter_context(httpx.stream("POST", url + "/v1/completions", json=body, timeout=30))
+                lines.append(r.iter_lines())
+                assert r.status_code == 200 and next(lines[-1]).startswith("data: ")
+            t0 = time.monotonic()
+            refused = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert time.monotonic() - t0 < 1.0  # refused at once, not queued behind the streams
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+            assert refused.json()["error"]["code"] == "server_overloaded"
+            assert router.stats()["num_refused"] == 1 and router.admission.in_flight == 2
+        assert router.admission.in_flight == 0  # the streams' ends gave their places back
+
+
+def test_a_replica_that_goes_away_is_a_retriable_503_and_is_skipped_once_down() -> None:
+    with null_server() as up, null_server() as doomed:
+        router = Router(static({"a": up, "b": doomed}), RoundRobin(), TOKENIZER, Admission(8), poll_s=60)
+        with serving(router) as url:
+            assert httpx.get(url + "/health").status_code == 200
+            body = {"model": "null", "prompt": "hi", "max_tokens": 4}
+            assert {httpx.post(url + "/v1/completions", json=body).headers["x-stepserve-replica"] for _ in range(2)} \
+                == {"a", "b"}
+    with null_server() as up:
+        dead = f"http://127.0.0.1:{free_port()}"
+        router = Router(static({"a": up, "b": dead}), RoundRobin(), TOKENIZER, Admission(8), poll_s=60)
+        with serving(router) as url:
+            h = httpx.get(url + "/health")
+            assert h.status_code == 503 and not h.json()["replicas"]["b"]["healthy"]
+            assert httpx.get(url + "/ready").status_code == 200  # the model still has a replica
+            got = [httpx.post(url + "/v1/completions", json=body) for _ in range(3)]
+            assert [(r.status_code, r.headers["x-stepserve-replica"]) for r in got] == [(200, "a")] * 3
+            b = router.replicas["b"]
+            b.healthy, b.model = True, "null"  # as if it had been up at the last poll: now connection refused
+            got = [httpx.post(url + "/v1/completions", json=body) for _ in range(2)]
+            assert [(r.status_code, r.headers["x-stepserve-replica"]) for r in got] == [(200, "a")] * 2
+            assert not b.healthy and b.num_routed == 1  # refused once (nothing sent), retried on a, then skipped
+            b.healthy, router.replicas["a"].healthy = True, False
+            r = httpx.post(url + "/v1/completions", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "replica_down" and not router.replicas["b"].healthy

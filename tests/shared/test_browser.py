@@ -9,11 +9,11 @@ missing the test installs them with apt-get if it can, and skips with the reason
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import apt_binary
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -23,24 +23,9 @@ POOL = ("--num-kv-blocks", "256", "--block-size", "4", "--max-seqs", "8")
 SHARED = "A long shared system prompt that every request starts with, word for word."
 
 
-def chromium() -> tuple[str, str]:
-    """Paths of chromium and chromedriver, installed with apt-get where missing and possible."""
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if all(found):
-        return found  # type: ignore[return-value]
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    r = subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if r.returncode != 0 or not all(found):
-        pytest.skip(f"could not install chromium: {r.stderr[-300:]}")
-    return found  # type: ignore[return-value]
-
-
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver = chromium()
+    binary, driver = apt_binary("chromium", "chromium"), apt_binary("chromedriver", "chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):

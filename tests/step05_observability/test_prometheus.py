@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,34 +17,17 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.helpers import apt_binary
 from tests.step05_observability.test_ops import dashboard_exprs
 
 STEP, MODEL = "step05_observability", "tiny-llama"
 FLAGS = ("--threads", "1", "--max-seqs", "5")  # its own server: counters start at 0
 
 
-def prometheus_binary() -> str:
-    if found := shutil.which("prometheus"):
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("Prometheus is not installed, and installing it needs root and apt-get "
-                    "(Debian: apt-get install prometheus)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
-    for cmd in (install, ["apt-get", "update"], install):  # the package lists may be missing or stale
-        try:
-            subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
-        except subprocess.TimeoutExpired:
-            break
-        if found := shutil.which("prometheus"):
-            return found
-    pytest.skip("Prometheus is not installed and `apt-get install prometheus` failed here")
-
-
 @pytest.fixture
 def prometheus(servers, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(Prometheus URL, step 05 URL): a Prometheus that scrapes a fresh step 05 server every second."""
-    binary = prometheus_binary()
+    binary = apt_binary("prometheus", "prometheus", timeout_s=600)
     server = servers(STEP, MODEL, *FLAGS)
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
