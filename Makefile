@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test venv clean-venv
+.PHONY: serve test venv clean-venv cluster
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 serve: venv
 	$(PY) -m $(STEP) --model $(MODEL) --host $(HOST) --port $(PORT)
+
+# Beyond one server (cluster/README.md): two step 08 replicas on a local Ray behind the router
+cluster: venv
+	$(PY) -m cluster --step step08_quant --replicas 2 --policy prefix-affinity --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,13 +1,14 @@
-"""Beyond one server: replicas of any step behind a router (issue 16, in progress).
+"""Beyond one server: N replicas of any step on Ray Serve, behind a router whose policies are ours.
 
-Central rule: the replicas run on an existing distributed engine (Ray Serve); the routing policy,
-the part worth teaching, is ours and readable (``policies.py``).
+Central rule: the replicas run on an existing distributed engine (Ray Serve places, health-checks
+and restarts them; each is a step's own server, unchanged); the routing policy, the part worth
+teaching, is plain code (``policies.py``), and requests go from the router straight to the
+replicas' HTTP servers.
 
-Built so far: ``policies.py`` (round-robin, least-loaded, prefix-affinity with a load guard,
-tiered pools, the router's global admission bound) and ``router.py`` (the OpenAI API in front of
-replica URLs: one policy per request, streams relayed unchanged, a client's disconnect closing the
-upstream, 429 at the bound, 503 for a replica that cannot be reached), tested against two real
-step 07 servers. Not built yet: the Ray Serve application (``python -m cluster``: replicas as Serve
-deployments, restarted by Ray), the Redis response cache, the model manager, the Kubernetes
-manifests, and the figures.
+``python -m cluster`` runs it on a local Ray (or ``--address`` a Ray cluster); ``python -m
+cluster.router`` runs the router alone over URLs or DNS names (Kubernetes: ``k8s/``). Optional:
+the Redis response cache (``cache.py``) and the model manager (``manager.py``, ``/admin/models``).
+
+Left out: retrying requests that reached a replica, autoscaling under Ray (Kubernetes' HPA does it
+in ``k8s/``), GPUs per replica, a KV cache shared between replicas, rolling model updates.
 """

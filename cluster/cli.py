@@ -23,7 +23,8 @@ from shared.models import load_tokenizer
 class RouterConfig:
     policy: str = flag_field("prefix-affinity", "where each request goes", choices=POLICIES)
     block_size: int = flag_field(16, "prefix-affinity: tokens per block, as the replicas' --block-size")
-    affinity_blocks: int = flag_field(4, "prefix-affinity: leading full blocks that decide a prompt's home")
+    affinity_capacity: int = flag_field(16384, "prefix-affinity: block hashes remembered per replica (about its KV pool)")
+    affinity_match: float = flag_field(0.5, "prefix-affinity: share of a prompt's blocks a replica must have seen to win it")
     max_in_flight: int = flag_field(256, "the cluster's bound on requests in flight; beyond it 429 + Retry-After")
     max_fast_prompt_tokens: int = flag_field(256, "tiered: longest prompt the fast pool takes")
     max_fast_output_tokens: int = flag_field(64, "tiered: largest max_tokens the fast pool takes")
@@ -38,14 +39,16 @@ def make_policy(cfg: RouterConfig) -> Policy:
     if cfg.policy == "least-loaded":
         return LeastLoaded()
     if cfg.policy == "prefix-affinity":
-        return PrefixAffinity(cfg.block_size, cfg.affinity_blocks)
+        return PrefixAffinity(cfg.block_size, capacity_blocks=cfg.affinity_capacity, match_threshold=cfg.affinity_match)
     return Tiered(TierRule(cfg.max_fast_prompt_tokens, cfg.max_fast_output_tokens))
 
 
 def build_router(cfg: RouterConfig, model: ModelConfig, discovery: Discovery) -> Router:
     """The tokenizer (for the prompt's leading token ids) is the served model's own."""
-    if cfg.max_in_flight < 1 or cfg.block_size < 1 or cfg.affinity_blocks < 1:
-        raise ValueError("--max-in-flight, --block-size and --affinity-blocks must be >= 1")
+    if cfg.max_in_flight < 1 or cfg.block_size < 1 or cfg.affinity_capacity < 1:
+        raise ValueError("--max-in-flight, --block-size and --affinity-capacity must be >= 1")
+    if not 0 <= cfg.affinity_match <= 1:
+        raise ValueError("--affinity-match must be in 0..1")
     cache = ResponseCache(cfg.redis_url, cfg.cache_ttl) if cfg.redis_url else None
     return Router(discovery, make_policy(cfg), load_tokenizer(model), Admission(cfg.max_in_flight), cache,
                   poll_s=cfg.poll_interval)

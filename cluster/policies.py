@@ -7,23 +7,32 @@ at the router is a separate, global bound: :class:`Admission`).
 * ``round-robin``: replicas in turn; blind to load and to caches.
 * ``least-loaded``: the fewest outstanding requests (the router's own count), then the fewest
   waiting in the replica's scheduler, then the lowest KV-cache usage (both from its ``/metrics``).
-* ``prefix-affinity``: the prompt's leading full blocks (step 07's block size) are hashed to a home
-  replica by rendezvous hashing, so requests sharing a prefix land where that prefix is cached, and
-  adding a replica moves only its share of prefixes. A load guard (SGLang's cache-aware router's
-  rule) sends a request to the least loaded replica instead while the load is imbalanced: the
-  busiest replica has more than ``abs_threshold`` requests beyond the idlest AND more than
+* ``prefix-affinity``: the router remembers, per replica, the hashes of the prompt blocks it sent
+  there (chained block hashes at step 07's block size, as vLLM's prefix cache keys them; bounded,
+  least recently routed forgotten first) and sends a request to the replica that has seen the
+  longest run of its leading blocks: where that prefix is most likely cached (ties: the least
+  loaded of them). A prompt of which no replica has seen at least ``match_threshold`` of the
+  blocks (SGLang's cache threshold) goes to the least loaded, which then owns it: a common
+  preamble alone does not pull every new prompt to the first replica that saw it. A load guard (SGLang's cache-aware
+  router's rule) sends a request to the least loaded replica instead while the load is imbalanced:
+  the busiest replica has more than ``abs_threshold`` requests beyond the idlest AND more than
   ``rel_threshold`` times as many.
 * ``tiered``: a rule on prompt length and ``max_tokens`` (or the ``X-Stepserve-Tier`` header) picks
   a pool, ``fast`` or ``quality``; a policy inside each pool picks the replica.
 
-Left out: a radix tree of what each replica has really cached (SGLang's approximate tree); this
-router remembers nothing per prefix, it recomputes the home from the hash.
+Why not hash a fixed number of leading blocks to a home (consistent hashing)? Prompts often
+open with the same preamble (a product's instructions) before the part that differs; every
+prompt would then share one home. Matching the longest run tells them apart at any depth.
+
+Left out: what each replica really holds (its cache evicts on its own; this router's memory is an
+approximation, as SGLang's approximate radix tree is), and prefixes shared across models.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import itertools
+from collections import OrderedDict
 from typing import Mapping, Protocol, Sequence
 
 TIER_HEADER = "x-stepserve-tier"
@@ -67,40 +76,70 @@ class LeastLoaded:
         return min(replicas, key=lambda r: r.key).name
 
 
-def prefix_key(token_ids: Sequence[int], block_size: int, max_blocks: int) -> bytes | None:
-    """A digest of the prompt's first ``max_blocks`` full blocks; None when it has no full block
-    (nothing a replica could cache for it). Stable across processes (not Python's salted hash)."""
-    n = min(len(token_ids) // block_size, max_blocks) * block_size
-    if n == 0:
-        return None
-    return hashlib.blake2b(",".join(map(str, token_ids[:n])).encode(), digest_size=16).digest()
-
-
-def rendezvous(key: bytes, names: Sequence[str]) -> str:
-    """Highest random weight: each (key, replica) pair gets a score; the highest wins."""
-    return max(names, key=lambda name: hashlib.blake2b(key + name.encode(), digest_size=8).digest())
+def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[bytes]:
+    """One hash per full leading block, each chained to the one before (vLLM's block hashes): equal
+    hashes at position k mean equal first k+1 blocks. Stable across processes (not ``hash()``)."""
+    hashes: list[bytes] = []
+    parent = b""
+    for k in range(min(len(token_ids) // block_size, max_blocks)):
+        block = ",".join(map(str, token_ids[k * block_size:(k + 1) * block_size])).encode()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
 
 
 class PrefixAffinity:
-    def __init__(self, block_size: int = 16, max_blocks: int = 4, abs_threshold: int = 4,
-                 rel_threshold: float = 2.0) -> None:
-        """``max_blocks``: how many leading blocks decide the home (requests that share them share
-        a home; the rest of the prompt may differ)."""
-        self.block_size, self.max_blocks = block_size, max_blocks
+    def __init__(self, block_size: int = 16, max_blocks: int = 128, capacity_blocks: int = 16384,
+                 match_threshold: float = 0.5, abs_threshold: int = 4, rel_threshold: float = 2.0) -> None:
+        """``max_blocks``: how deep a prompt is looked at; ``capacity_blocks``: how many block hashes
+        are remembered per replica (least recently routed forgotten first), about its KV pool;
+        ``match_threshold``: the share of the prompt's blocks a replica must have seen to win it."""
+        self.block_size, self.max_blocks, self.capacity = block_size, max_blocks, capacity_blocks
+        self.match_threshold = match_threshold
         self.abs_threshold, self.rel_threshold = abs_threshold, rel_threshold
-        self.num_affine = self.num_balanced = 0  # how each request was routed
+        self.seen: dict[str, OrderedDict[bytes, None]] = {}  # replica -> block hashes routed there
+        self.num_affine = self.num_balanced = self.num_new = 0  # how each request was routed
 
     def imbalanced(self, replicas: Sequence[ReplicaLoad]) -> bool:
         lo, hi = min(r.outstanding for r in replicas), max(r.outstanding for r in replicas)
         return hi - lo > self.abs_threshold and hi > self.rel_threshold * lo
 
+    def matched(self, name: str, hashes: Sequence[bytes]) -> int:
+        """Leading blocks of the prompt this replica has been sent before."""
+        seen = self.seen.get(name, {})
+        n = 0
+        while n < len(hashes) and hashes[n] in seen:
+            n += 1
+        return n
+
     def choose(self, request: RouteRequest, replicas: Sequence[ReplicaLoad]) -> str:
-        key = prefix_key(request.prompt_token_ids, self.block_size, self.max_blocks)
-        if key is None or self.imbalanced(replicas):
+        hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_blocks)
+        if not hashes or self.imbalanced(replicas):
             self.num_balanced += 1
-            return LeastLoaded().choose(request, replicas)
-        self.num_affine += 1
-        return rendezvous(key, [r.name for r in replicas])
+            name = LeastLoaded().choose(request, replicas)
+        else:
+            match = {r.name: self.matched(r.name, hashes) for r in replicas}
+            best = max(match.values())
+            if best < self.match_threshold * len(hashes):  # nobody has much of it: the least loaded
+                self.num_new += 1  # gets it (and keeps it)
+                name = LeastLoaded().choose(request, replicas)
+            else:
+                self.num_affine += 1
+                name = LeastLoaded().choose(request, [r for r in replicas if match[r.name] == best])
+        self._remember(name, hashes)
+        return name
+
+    def _remember(self, name: str, hashes: Sequence[bytes]) -> None:
+        seen = self.seen.setdefault(name, OrderedDict())
+        for h in hashes:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)
+
+    def forget(self, name: str) -> None:
+        """The replica restarted (or left): its cache is empty."""
+        self.seen.pop(name, None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

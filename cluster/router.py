@@ -239,8 +239,14 @@ class Router:
             if r is None or r.url != e.url:  # new, or moved (restarted on a new port): relearn it
                 self.replicas[e.name] = Replica(e.name, e.url, e.tier, e.identity,
                                                 num_routed=r.num_routed if r else 0)
+                self._forget(e.name)  # a restarted replica's caches are empty
         for gone in set(self.replicas) - names:
             del self.replicas[gone]
+            self._forget(gone)
+
+    def _forget(self, name: str) -> None:
+        if (forget := getattr(self.policy, "forget", None)) is not None:
+            forget(name)
 
     async def poll(self) -> None:
         """:meth:`refresh` every ``poll_s``, until cancelled."""

@@ -89,6 +89,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--input-len", default="128", help="prompt tokens: N, or LO:HI for uniform (default: 128)")
     ap.add_argument("--output-len", default="128", help="output tokens: N, or LO:HI for uniform (default: 128)")
     ap.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: common prefix tokens (default: 1024)")
+    ap.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: distinct prefixes, one drawn per "
+                    "request (seeded); more than a replica's cache holds shows what routing by prefix buys (default: 1)")
     ap.add_argument("--num-requests", type=int, default=64, help="requests per load point (default: 64)")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent before measuring, per target (default: 2)")
     ap.add_argument("--concurrency", type=_list(int, "--concurrency"), default=(),
@@ -123,7 +125,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     workload = corpus.Workload(a.workload, corpus.parse_range("--input-len", a.input_len),
-                               corpus.parse_range("--output-len", a.output_len), a.prefix_len, a.seed)
+                               corpus.parse_range("--output-len", a.output_len), a.prefix_len, a.seed, a.num_prefixes)
     if a.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {a.num_requests}")
     if a.duration is not None and a.duration <= 0:

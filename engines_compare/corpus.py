@@ -100,6 +100,7 @@ class Workload:
     output_len: tuple[int, int] = (128, 128)
     prefix_len: int = 1024  # shared-prefix only
     seed: int = 0
+    num_prefixes: int = 1  # shared-prefix: distinct system prompts, one drawn (seeded) per request
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOADS:
@@ -111,6 +112,8 @@ class Workload:
                 raise ValueError(f"{flag}: the fixed workload takes one length, got {lo}:{hi} (use --workload uniform)")
         if self.kind == "shared-prefix" and self.prefix_len < 2:
             raise ValueError(f"--prefix-len must be >= 2, got {self.prefix_len}")
+        if self.num_prefixes < 1:
+            raise ValueError(f"--num-prefixes must be >= 1, got {self.num_prefixes}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -176,17 +179,20 @@ def _passage_text(corpus: Sequence[str], rng: random.Random, chars: int) -> str:
 def build_prompts(w: Workload, tok: object, n: int, tag: str, corpus: Sequence[str] | None = None) -> list[Prompt]:
     """``n`` prompts of workload ``w``; ``tag`` (unique per run and sweep point) opens each one."""
     corpus = corpus if corpus is not None else load_corpus()
-    system = ""
+    systems = [""]
     if w.kind == "shared-prefix":
-        body = _passage_text(corpus, random.Random(f"{w.seed}:system"), w.prefix_len * 8 + 256)
-        system, got = fit(tok, SYSTEM_INTRO, body, "", w.prefix_len)
-        if got != w.prefix_len:
-            raise ValueError(f"--prefix-len {w.prefix_len}: could not cut the system prompt exactly ({got})")
-        system += "\n\n"
+        systems = []
+        for k in range(w.num_prefixes):  # the first keeps the seed it always had
+            body = _passage_text(corpus, random.Random(f"{w.seed}:system" + (f":{k}" if k else "")), w.prefix_len * 8 + 256)
+            system, got = fit(tok, SYSTEM_INTRO, body, "", w.prefix_len)
+            if got != w.prefix_len:
+                raise ValueError(f"--prefix-len {w.prefix_len}: could not cut the system prompt exactly ({got})")
+            systems.append(system + "\n\n")
     prompts = []
     for i in range(n):
         rng = random.Random(f"{w.seed}:{i}")  # the same lengths and text whatever the tag
         in_len, out_len = rng.randint(*w.input_len), rng.randint(*w.output_len)
+        system = systems[random.Random(f"{w.seed}:prefix:{i}").randrange(len(systems))]
         head = f"{system}[{tag}#{i}] " + (GROUNDED_INTRO if w.kind == "grounded" else "")
         tail = GROUNDED_TAIL if w.kind == "grounded" else ""
         target = in_len + (w.prefix_len if w.kind == "shared-prefix" else 0)

@@ -1,12 +1,10 @@
 """The router's policies on their own: which replica each request goes to, and why."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 
 from cluster.policies import (Admission, LeastLoaded, PrefixAffinity, ReplicaLoad, RoundRobin, RouteRequest,
-                              Tiered, TierRule, prefix_key, rendezvous)
+                              Tiered, TierRule, block_hashes)
 
 TWO = [ReplicaLoad("a"), ReplicaLoad("b")]
 
@@ -27,46 +25,57 @@ def test_least_loaded_orders_by_outstanding_then_waiting_then_kv_usage() -> None
     assert p.choose(req([1]), [ReplicaLoad("a", 1, 2, 0.3), ReplicaLoad("b", 1, 2, 0.9)]) == "a"
 
 
-def test_prefix_key_covers_only_whole_leading_blocks_and_is_stable() -> None:
-    assert prefix_key(list(range(15)), 16, 4) is None  # no full block: nothing to share
-    k = prefix_key(list(range(40)), 16, 4)
-    assert k == prefix_key(list(range(32)) + [99] * 8, 16, 4)  # same two full blocks, different tail
-    assert k != prefix_key([7] + list(range(1, 40)), 16, 4)
-    assert prefix_key(list(range(100)), 16, 2) == prefix_key(list(range(32)) + [5] * 68, 16, 2)  # at most 2 blocks
+def test_block_hashes_chain_whole_leading_blocks_and_are_stable() -> None:
+    assert block_hashes(list(range(15)), 16, 4) == []  # no full block: nothing to share
+    h = block_hashes(list(range(40)), 16, 4)
+    assert len(h) == 2 and h == block_hashes(list(range(32)) + [99] * 8, 16, 4)  # same two blocks, other tail
+    other = block_hashes([7] + list(range(1, 40)), 16, 4)
+    assert other[0] != h[0] and other[1] != h[1]  # chained: a different first block changes every hash after it
+    assert len(block_hashes(list(range(100)), 16, 2)) == 2  # at most max_blocks
 
 
-def test_same_prefix_goes_to_the_same_replica_and_prefixes_spread_over_replicas() -> None:
-    p = PrefixAffinity(block_size=16, max_blocks=4)
-    homes = collections.Counter()
-    for doc in range(200):
-        prefix = [doc * 1000 + i for i in range(64)]
-        first = p.choose(req(prefix + [1, 2, 3]), TWO)
-        assert all(p.choose(req(prefix + tail), TWO) == first for tail in ([4], [5, 6], list(range(30))))
-        homes[first] += 1
-    assert min(homes.values()) > 60, homes  # rendezvous hashing spreads prefixes (~100 each)
-    assert p.num_affine == 800 and p.num_balanced == 0
+def test_a_prefix_stays_with_the_replica_that_saw_it_and_new_prefixes_go_to_the_least_loaded() -> None:
+    p = PrefixAffinity(block_size=16)
+    preamble = list(range(1000, 1048))  # three blocks every prompt opens with
+    docs = [preamble + [d * 100 + i for i in range(64)] for d in range(6)]
+    loads = {"a": 0, "b": 0}
+    homes = {}
+    for d, doc in enumerate(docs):  # each new document goes to the least loaded, which then has one more
+        home = p.choose(req(doc + [1]), [ReplicaLoad(n, o) for n, o in loads.items()])
+        loads[home] += 1
+        homes[d] = home
+    assert sorted(homes.values()) == ["a"] * 3 + ["b"] * 3  # the shared preamble did not pull them together
+    assert p.num_new == 6 and p.num_affine == 0  # 3 of 7 blocks seen (the preamble) is under half: new
+    for d, doc in enumerate(docs):  # later requests find their document's replica, whatever the load
+        for tail in ([4], [5, 6], list(range(30))):
+            assert p.choose(req(doc + tail), [ReplicaLoad("a", 2), ReplicaLoad("b", 0)]) == homes[d]
+    assert p.matched(homes[0], block_hashes(docs[0], 16, 128)) == 7  # 3 preamble + 4 document blocks
 
 
-def test_rendezvous_moves_only_the_new_replicas_share_when_one_is_added() -> None:
-    keys = [prefix_key([k] * 16, 16, 1) for k in range(300)]
-    before = {k: rendezvous(k, ["a", "b"]) for k in keys}
-    after = {k: rendezvous(k, ["a", "b", "c"]) for k in keys}
-    moved = [k for k in keys if before[k] != after[k]]
-    assert all(after[k] == "c" for k in moved) and 50 < len(moved) < 150
+def test_a_replica_forgets_the_least_recently_routed_blocks_and_everything_when_restarted() -> None:
+    p = PrefixAffinity(block_size=4, capacity_blocks=4)
+    p.choose(req(list(range(8))), TWO)  # two blocks on the least loaded (a, by order)
+    assert p.matched("a", block_hashes(list(range(8)), 4, 128)) == 2
+    p.choose(req(list(range(100, 112))), [ReplicaLoad("a"), ReplicaLoad("b", 1)])  # three more on a: 5 > 4
+    assert p.matched("a", block_hashes(list(range(8)), 4, 128)) == 0  # the oldest went first
+    assert p.matched("a", block_hashes(list(range(100, 112)), 4, 128)) == 3
+    p.forget("a")
+    assert p.matched("a", block_hashes(list(range(100, 112)), 4, 128)) == 0
 
 
 def test_the_load_guard_overrides_affinity_only_while_load_is_imbalanced() -> None:
     p = PrefixAffinity(block_size=4, abs_threshold=4, rel_threshold=2.0)
-    ids = list(range(8))
+    ids, more = list(range(8)), list(range(50, 58))
     home = p.choose(req(ids), TWO)
     other = "b" if home == "a" else "a"
     # home has 6 outstanding, the other 1: 5 more (> 4) and 6x (> 2x): imbalanced, go to the other
     busy = [ReplicaLoad(home, 6), ReplicaLoad(other, 1)]
     assert p.imbalanced(busy) and p.choose(req(ids), busy) == other
     # 5 more but only 1.5x (10 vs 15): not imbalanced, stay home
-    mild = [ReplicaLoad(home, 15), ReplicaLoad(other, 10)]
-    assert not p.imbalanced(mild) and p.choose(req(ids), mild) == home
-    assert p.num_balanced == 1 and p.num_affine == 2
+    home2 = p.choose(req(more), TWO)
+    mild = [ReplicaLoad(home2, 15), ReplicaLoad("b" if home2 == "a" else "a", 10)]
+    assert not p.imbalanced(mild) and p.choose(req(more), mild) == home2
+    assert (p.num_new, p.num_balanced, p.num_affine) == (2, 1, 1)
     assert p.choose(req([1, 2]), TWO) in ("a", "b") and p.num_balanced == 2  # no full block: least loaded
 
 

@@ -84,8 +84,19 @@ def test_shared_prefix_prompts_share_the_first_prefix_len_tokens(tok) -> None:
     assert all(f"[t#{n}] " in p.text for n, p in enumerate(prompts))
 
 
+def test_several_prefixes_are_each_shared_by_the_requests_that_drew_them(tok) -> None:
+    w = Workload("shared-prefix", (40, 40), (8, 8), prefix_len=128, num_prefixes=3)
+    ids = [tok(p.text).input_ids for p in build_prompts(w, tok, 24, "t")]
+    assert all(len(i) == 128 + 40 for i in ids)
+    heads = [tuple(i[:128]) for i in ids]
+    assert len(set(heads)) == 3 and all(heads.count(h) >= 3 for h in set(heads))  # all drawn, each shared
+    assert [tuple(i[:128]) for i in (tok(p.text).input_ids for p in build_prompts(w, tok, 24, "u"))] == heads  # seeded
+    one = build_prompts(Workload("shared-prefix", (40, 40), (8, 8), prefix_len=128), tok, 2, "t")
+    assert tuple(tok(one[0].text).input_ids[:128]) in set(heads)  # the first prefix is the one-prefix workload's
+
+
 @pytest.mark.parametrize("kwargs,flag", [({"kind": "nope"}, "--workload"), ({"input_len": (5, 2)}, "--input-len"),
-                                         ({"output_len": (1, 9)}, "--output-len")])
+                                         ({"output_len": (1, 9)}, "--output-len"), ({"num_prefixes": 0}, "--num-prefixes")])
 def test_workload_errors_name_the_flag(kwargs, flag) -> None:
     with pytest.raises(ValueError, match=flag):
         Workload(**kwargs)
