@@ -186,3 +186,19 @@ def test_a_replica_that_goes_away_is_a_retriable_503_and_is_skipped_once_down() 
             r = httpx.post(url + "/v1/completions", json=body)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "replica_down" and not router.replicas["b"].healthy
+
+
+def test_a_client_that_leaves_mid_stream_aborts_the_request_on_the_replica(servers) -> None:
+    urls = replicas(servers)
+    router = Router(static({"r0": urls["r0"]}), RoundRobin(), TOKENIZER, Admission(8))
+    before = disconnects(urls["r0"])
+    with serving(router) as url:
+        body = {"prompt": "Hello there", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 10
+        while disconnects(urls["r0"]) == before or router.admission.in_flight:
+            assert time.monotonic() < deadline, "the replica never saw the client leave"
+            time.sleep(0.05)
+    assert health(urls["r0"])["num_running"] == 0
