@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 from typing import Any, AsyncIterator
 
 import httpx
@@ -21,7 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from cluster.manager import AdminError, ModelManager, parse_spec
-from cluster.router import Router, error
+from cluster.replica import error
+from cluster.router import Router
+
+log = logging.getLogger("stepserve.cluster")
 
 
 def metrics_text(router: Router) -> str:
@@ -55,6 +59,11 @@ def make_router_app(router: Router, manager: ModelManager | None = None, admin_t
             await router.cache.close()
 
     app = FastAPI(title="stepserve cluster router", lifespan=lifespan)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # an OpenAI-shaped 500, logged
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}); retry", "internal_error")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", type=int, default=64, help="policies: tokens after the prefix (default: 64)")
     ap.add_argument("--output-len", type=int, default=16, help="policies: output tokens (default: 16)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.075,
-                    help="policies: each replica's KV pool, so that it holds about half the prefixes (default: 0.15)")
+                    help="policies: each replica's KV pool, so that it holds about half the prefixes (default: 0.075)")
     ap.add_argument("--priority", type=int, default=None, help="bench --priority (e.g. -15; needs root)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)

@@ -92,8 +92,8 @@ def normalise(response: dict[str, Any]) -> dict[str, Any] | None:
 class ResponseCache:
     def __init__(self, url: str, ttl_s: int = 3600, prefix: str = "stepserve:response:",
                  timeout_s: float = 0.25, backoff_s: float = 1.0) -> None:
-        """``url``: ``redis://host:port/db``; ``timeout_s``: connect and read timeouts, and the bound
-        on a whole call; ``backoff_s``: how long Redis is left alone after a failure."""
+        """``url``: ``redis://host:port/db``; ``timeout_s``: connect and read timeouts (a whole call
+        is bounded by twice that); ``backoff_s``: how long Redis is left alone after a failure."""
         self.ttl_s, self.prefix, self.timeout_s, self.backoff_s = ttl_s, prefix, timeout_s, backoff_s
         self.redis = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
                                              retry=Retry(NoBackoff(), 0))
@@ -108,7 +108,7 @@ class ResponseCache:
             return None
         content = {k: v for k, v in body.items() if k not in NOT_CONTENT}
         canonical = json.dumps({"endpoint": "chat" if chat else "completions", "body": content,
-                                "identity": identity}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                                "identity": identity}, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return self.prefix + hashlib.blake2b(canonical.encode(), digest_size=32).hexdigest()
 
     async def get(self, key: str, need_usage: bool = False) -> dict[str, Any] | None:

@@ -78,8 +78,10 @@ class DnsPools:
         for tier, host, port in self.pools:
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError:  # the name does not resolve (no ready pod yet): an empty pool
-                continue
+            except socket.gaierror as e:
+                if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                    continue  # the name has no address (no ready pod yet): an empty pool
+                raise  # a resolver hiccup: the router keeps the replicas it knew
             for ip in sorted({info[4][0] for info in infos}):
                 netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
                 found.append(Endpoint(f"{tier}/{netloc}", f"http://{netloc}", tier))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,40 +84,44 @@ class ModelManager:
     def __init__(self, endpoints: RayEndpoints, local: bool = True) -> None:
         self.endpoints, self.local = endpoints, local
         self.models: dict[str, list[ModelSpec]] = {}  # id -> its deployments (one per tier)
+        self.lock = threading.Lock()  # admin calls run in threads: one at a time
 
     def load(self, spec: ModelSpec) -> None:
         """Deploy ``spec.replicas`` replica applications and return at once (blocking Serve calls:
         run it off the event loop). A second tier of a loaded id is added beside the first."""
-        if any(s.tier == spec.tier for s in self.models.get(spec.id, ())):
-            raise AdminError(409, f"id: `{spec.id}` already has a {spec.tier} tier; unload it first", "id")
-        rspec = ReplicaSpec(spec.id, spec.step, spec.model, spec.threads, spec.tier, spec.args, self.local)
-        deployment = StepReplica.options(ray_actor_options={"num_cpus": spec.cpus})
-        targets = [RunTarget(deployment.bind(rspec), name=app_name(rspec, i), route_prefix=None)
-                   for i in range(spec.replicas)]
-        serve.run_many(targets, wait_for_applications_running=False)
-        self.models.setdefault(spec.id, []).append(spec)
-        for i in range(spec.replicas):
-            self.endpoints.apps[app_name(rspec, i)] = rspec
+        with self.lock:
+            if any(s.tier == spec.tier for s in self.models.get(spec.id, ())):
+                raise AdminError(409, f"id: `{spec.id}` already has a {spec.tier} tier; unload it first", "id")
+            rspec = ReplicaSpec(spec.id, spec.step, spec.model, spec.threads, spec.tier, spec.args, self.local)
+            deployment = StepReplica.options(ray_actor_options={"num_cpus": spec.cpus})
+            targets = [RunTarget(deployment.bind(rspec), name=app_name(rspec, i), route_prefix=None)
+                       for i in range(spec.replicas)]
+            serve.run_many(targets, wait_for_applications_running=False)
+            self.models.setdefault(spec.id, []).append(spec)
+            apps = dict(self.endpoints.apps)  # replaced, not changed in place: the event loop reads it
+            apps.update({app_name(rspec, i): rspec for i in range(spec.replicas)})
+            self.endpoints.apps = apps
 
     def unload(self, model_id: str) -> list[str]:
-        specs = self.models.pop(model_id, None)
-        if specs is None:
-            raise AdminError(404, f"The model `{model_id}` is not loaded.", "id")
-        apps = [a for a, s in self.endpoints.apps.items() if s.id == model_id]
-        for app in apps:
-            del self.endpoints.apps[app]
-            serve.delete(app, _blocking=False)
-        return apps
+        with self.lock:
+            specs = self.models.pop(model_id, None)
+            if specs is None:
+                raise AdminError(404, f"The model `{model_id}` is not loaded.", "id")
+            gone = [a for a, s in self.endpoints.apps.items() if s.id == model_id]
+            self.endpoints.apps = {a: s for a, s in self.endpoints.apps.items() if s.id != model_id}
+            for app in gone:
+                serve.delete(app, _blocking=False)
+            return gone
 
     def status(self, model_id: str, healthy: set[str]) -> dict[str, Any]:
         """Serve's view of each replica application plus the router's (``healthy``: replica names it
         has seen answer ``/health``)."""
-        specs = self.models.get(model_id)
+        specs, apps_now = self.models.get(model_id), self.endpoints.apps
         if specs is None:
             raise AdminError(404, f"The model `{model_id}` is not loaded.", "id")
         serve_apps = serve.status().applications
         apps = {}
-        for app, s in self.endpoints.apps.items():
+        for app, s in apps_now.items():
             if s.id == model_id:
                 st = serve_apps.get(app)
                 apps[app] = {"tier": s.tier, "serve_status": str(st.status.value) if st else "NOT_STARTED",

@@ -13,8 +13,9 @@ nothing can happen twice); one that fails mid-stream ends the stream with an in-
 and no later request goes to it until it answers ``/health`` again.
 
 Replicas come from a :class:`cluster.discovery.Discovery`, asked every ``poll_s`` together with each
-replica's ``/health`` (waiting requests, KV usage: its ``/metrics`` figures as JSON) and, once,
-its ``/v1/models`` (which model it serves).
+replica's ``/health`` (waiting requests, KV usage: its ``/metrics`` figures as JSON) and, whenever
+it becomes healthy (again), its ``/v1/models`` (which model it serves); a replica that was down
+may have restarted at the same address, so the policy then forgets what it had sent there.
 
 Left out: retrying a request that reached a replica (it may have had effects: the client
 decides), sticky sessions by user, and HTTP/2 to the replicas.
@@ -29,44 +30,18 @@ from typing import Any, AsyncIterator, Mapping
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from cluster.cache import ResponseCache, StreamCollector, replay
 from cluster.discovery import Discovery, Endpoint
-from cluster.policies import Admission, Policy, ReplicaLoad, RouteRequest
+from cluster.policies import Admission, Policy, RouteRequest
+from cluster.replica import Replica, error
 
 log = logging.getLogger("stepserve.cluster")
 PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
+UNBOUNDED = 1 << 30  # no max_tokens: as long as the context allows
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # the request never left: retry elsewhere
 FORWARD_HEADERS = ("content-type", "x-request-id", "authorization")
-
-
-def error(status: int, message: str, code: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-            429: "rate_limit_error"}.get(status, "service_unavailable")
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
-
-
-@dataclasses.dataclass
-class Replica:
-    name: str
-    url: str
-    tier: str = "quality"
-    identity: str = ""
-    model: str | None = None  # the id it reports on /v1/models
-    card: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
-    outstanding: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    healthy: bool = False
-    num_routed: int = 0
-
-    def load(self) -> ReplicaLoad:
-        return ReplicaLoad(self.name, self.outstanding, self.num_waiting, self.kv_usage, self.tier)
-
-    def cache_identity(self) -> str:
-        card = {k: v for k, v in (self.card or {}).items() if k != "created"}
-        return json.dumps([self.identity, card], sort_keys=True)
 
 
 class Router:
@@ -98,8 +73,9 @@ class Router:
                 ids = prompt
             else:
                 raise ValueError("prompt: a string, a list of strings or a list of token ids is required")
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
-        return RouteRequest(tuple(ids), int(max_tokens) if isinstance(max_tokens, int) else 16, headers)
+        # the servers' defaults: completions 16; chat what the context leaves (max_completion_tokens first)
+        limit = (body.get("max_completion_tokens") or body.get("max_tokens")) if chat else body.get("max_tokens", 16)
+        return RouteRequest(tuple(ids), limit if isinstance(limit, int) and limit > 0 else UNBOUNDED, headers)
 
     def models(self) -> dict[str, list[Replica]]:
         """Model id -> its replicas (healthy or not), in discovery order."""
@@ -109,9 +85,11 @@ class Router:
                 found.setdefault(r.model, []).append(r)
         return found
 
-    def choose(self, route: RouteRequest, pool: list[Replica], exclude: set[str]) -> Replica | None:
-        live = [r for r in pool if r.healthy and r.name not in exclude]
-        return self.replicas[self.policy.choose(route, [r.load() for r in live])] if live else None
+    def choose(self, route: RouteRequest, model: str, exclude: set[str]) -> Replica | None:
+        """Among the healthy replicas of ``model`` now (the poll may have changed them since the
+        request arrived)."""
+        live = {r.name: r for r in self.replicas.values() if r.model == model and r.healthy and r.name not in exclude}
+        return live[self.policy.choose(route, [r.load() for r in live.values()])] if live else None
 
     # -- one request ----------------------------------------------------------------------------
     async def forward(self, request: Request, chat: bool) -> Response:
@@ -125,45 +103,67 @@ class Router:
             return error(400, str(e), "invalid_request", param="messages" if chat else "prompt")
         models = self.models()
         name = body.get("model")
-        if not models:
-            return error(503, "no replica is ready", "no_replica", retry_after=1)
-        if name is not None and name not in models:
+        if name is not None and not isinstance(name, str):
+            return error(400, "model: a string is required", "invalid_request", param="model")
+        known = set(models) | set(getattr(self.discovery, "model_ids", lambda: ())())
+        if name is not None and name not in known:
             return error(404, f"The model `{name}` does not exist.", "model_not_found", param="model")
-        pool = models[name] if name is not None else next(iter(models.values()))
-        key = self.cache.key(body, chat, pool[0].cache_identity()) if self.cache else None
-        if key is not None and (hit := await self._cached(key, body, chat, pool[0].model or "",
+        if name is None and models:
+            name = next(iter(models))
+        if name not in models or not any(r.healthy for r in models[name]):
+            return error(503, f"no replica of `{name}` is ready; retry", "no_replica", retry_after=1)
+        identities = {r.cache_identity() for r in models[name]}  # tiers of one id differ: never mix them
+        key = self.cache.key(body, chat, identities.pop()) if self.cache and len(identities) == 1 else None
+        if key is not None and (hit := await self._cached(key, body, chat, name,
                                                             request.headers.get("x-request-id"))) is not None:
             return hit
         if not self.admission.try_enter():
             return error(429, f"The cluster is overloaded: {self.admission.in_flight} requests in flight (at most "
                          f"{self.admission.max_in_flight}).", "server_overloaded", retry_after=self.admission.retry_after_s)
+        handed_off = False  # once _whole or _relay owns the request, they give the slot back
+        try:
+            tried: set[str] = set()
+            while (replica := self.choose(route, name, tried)) is not None:
+                tried.add(replica.name)
+                try:
+                    upstream = await self._send(replica, raw, request, chat)
+                except NOT_SENT as e:
+                    log.warning("replica %s cannot be reached (%s); trying another", replica.name, type(e).__name__)
+                    continue
+                except httpx.HTTPError as e:  # it may have reached the replica: the client decides
+                    return error(503, f"replica {replica.name} failed ({type(e).__name__}); retry", "replica_down",
+                                 retry_after=1)
+                handed_off = True
+                out = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
+                out["X-Stepserve-Replica"] = replica.name
+                if key is not None:
+                    out["X-Stepserve-Cache"] = "miss"
+                collect = key if upstream.status_code == 200 else None
+                if not body.get("stream"):
+                    return await self._whole(upstream, replica, collect, out, request)
+                return StreamingResponse(self._relay(upstream, replica, collect, chat),
+                                         status_code=upstream.status_code, headers=out,
+                                         media_type=upstream.headers.get("content-type"))
+            return error(503, f"no replica of `{name}` can be reached; retry", "replica_down", retry_after=1)
+        finally:
+            if not handed_off:
+                self.admission.leave()
+
+    async def _send(self, replica: Replica, raw: bytes, request: Request, chat: bool) -> httpx.Response:
+        """The request to one replica, its response's headers read; counted as outstanding on it
+        from here until :meth:`_done` (a failure here undoes it and marks the replica down)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_HEADERS}
-        tried: set[str] = set()
-        while (replica := self.choose(route, pool, tried)) is not None:
-            tried.add(replica.name)
-            replica.outstanding += 1
-            replica.num_routed += 1
-            path = "/v1/chat/completions" if chat else "/v1/completions"
-            try:
-                upstream = await self.client.send(self.client.build_request(
-                    "POST", replica.url + path, content=raw, headers=headers), stream=True)
-            except httpx.HTTPError as e:
-                replica.outstanding -= 1
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        replica.outstanding += 1
+        replica.num_routed += 1
+        try:
+            return await self.client.send(self.client.build_request("POST", replica.url + path, content=raw,
+                                                                    headers=headers), stream=True)
+        except BaseException as e:  # also a client that left before the answer began
+            replica.outstanding = max(0, replica.outstanding - 1)
+            if isinstance(e, httpx.HTTPError):
                 replica.healthy = False  # until its /health says otherwise
-                log.warning("replica %s cannot be reached (%s); trying another", replica.name, type(e).__name__)
-                continue
-            out = {k: v for k, v in upstream.headers.items() if k.lower() in PASS_HEADERS}
-            out["X-Stepserve-Replica"] = replica.name
-            if key is not None:
-                out["X-Stepserve-Cache"] = "miss"
-            collect = key if upstream.status_code == 200 else None
-            if not body.get("stream"):
-                return await self._whole(upstream, replica, collect, out)
-            return StreamingResponse(self._relay(upstream, replica, collect, chat),
-                                     status_code=upstream.status_code, headers=out,
-                                     media_type=upstream.headers.get("content-type"))
-        self.admission.leave()
-        return error(503, f"no replica of `{pool[0].model}` can be reached; retry", "replica_down", retry_after=1)
+            raise
 
     async def _cached(self, key: str, body: dict[str, Any], chat: bool, model: str,
                       request_id: str | None) -> Response | None:
@@ -180,14 +180,23 @@ class Router:
         return Response(out, headers=headers, media_type="application/json")  # type: ignore[arg-type]
 
     async def _whole(self, upstream: httpx.Response, replica: Replica, key: str | None,
-                     headers: dict[str, str]) -> Response:
+                     headers: dict[str, str], request: Request) -> Response:
         """A non-streamed answer is one JSON body: read it whole, so a replica dying half-way is a
-        clean, retriable 503 rather than a truncated body."""
+        clean, retriable 503 rather than a truncated body; a client that leaves meanwhile closes
+        the upstream, so the replica aborts (as for a stream)."""
+        read = asyncio.ensure_future(upstream.aread())
         try:
-            content = await upstream.aread()
+            while not (await asyncio.wait({read}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    read.cancel()
+                    return Response(status_code=499)  # nobody is listening
+            content = read.result()
         except httpx.HTTPError:
+            replica.healthy = False
             return error(503, f"replica {replica.name} failed while answering; retry", "replica_down", retry_after=1)
         finally:
+            if not read.done():
+                read.cancel()
             await upstream.aclose()
             self._done(replica)
         if key is not None and self.cache is not None and (entry := _json_entry(content)) is not None:
@@ -206,6 +215,7 @@ class Router:
                 yield chunk
             complete = True
         except httpx.HTTPError:  # the replica died mid-stream: end the stream with an in-band error
+            replica.healthy = False
             yield b'data: {"error": {"message": "the replica failed mid-stream; retry", "type": ' \
                   b'"service_unavailable", "param": null, "code": "replica_down"}}\n\n'
         finally:
@@ -249,25 +259,30 @@ class Router:
             forget(name)
 
     async def poll(self) -> None:
-        """:meth:`refresh` every ``poll_s``, until cancelled."""
+        """:meth:`refresh` every ``poll_s``, until cancelled; a failed round is logged, not fatal."""
         while True:
             await asyncio.sleep(self.poll_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("polling the replicas failed; trying again in %.1f s", self.poll_s)
 
     async def _poll_one(self, replica: Replica) -> None:
+        was_healthy = replica.healthy
         try:
             r = await self.client.get(replica.url + "/health", timeout=2.0)
             body = r.json()
-            if r.status_code == 200 and replica.card is None:
+            if r.status_code == 200 and not was_healthy:  # (again): it may have restarted at the same address
                 card = (await self.client.get(replica.url + "/v1/models", timeout=2.0)).json()["data"][0]
+                self._forget(replica.name)  # its caches may be empty
                 replica.card, replica.model = card, card["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            sched = body.get("scheduler") or {}
+            replica.num_waiting = int(sched.get("num_waiting", 0))
+            replica.kv_usage = float(sched.get("kv_usage", 0.0))
+        except Exception:  # unreachable, or an answer that is not what a step sends
             replica.healthy = False
             return
         replica.healthy = r.status_code == 200 and replica.model is not None
-        sched = body.get("scheduler") or {}
-        replica.num_waiting = int(sched.get("num_waiting", 0))
-        replica.kv_usage = float(sched.get("kv_usage", 0.0))
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.admission.in_flight, "max_in_flight": self.admission.max_in_flight,

@@ -81,23 +81,34 @@ class StepReplica:
         host = "127.0.0.1" if spec.local else _node_ip()
         self.port = _free_port()
         self._url = f"http://{host}:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix=f"stepserve-{spec.id}-", suffix=".log")[1])
-        started = threading.Event()
+        fd, log = tempfile.mkstemp(prefix=f"stepserve-{spec.id}-", suffix=".log")
+        os.close(fd)
+        self.log = Path(log)
+        started, failed = threading.Event(), []
         # The child is started, and waited for, by a thread that lives as long as the child: Linux's
         # parent-death signal fires when the *thread* that forked it ends.
-        threading.Thread(target=self._own_child, args=(spec.command(host, self.port), started), daemon=True).start()
+        threading.Thread(target=self._own_child, args=(spec.command(host, self.port), started, failed),
+                         daemon=True).start()
         started.wait()
+        if failed:
+            raise RuntimeError(f"could not start {spec.step}: {failed[0]}")
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{spec.step} did not start (exit {self.proc.poll()}):\n{self.log_tail()}")
             time.sleep(0.2)
 
-    def _own_child(self, cmd: list[str], started: threading.Event) -> None:
+    def _own_child(self, cmd: list[str], started: threading.Event, failed: list[BaseException]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
-        started.set()
+        try:
+            with self.log.open("w") as out:
+                self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                             preexec_fn=_die_with_parent)
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            started.set()
         self.proc.wait()
 
     def _ready(self) -> bool:
@@ -153,6 +164,10 @@ class RayEndpoints:
     def expected(self) -> int:
         return len(self.apps)
 
+    def model_ids(self) -> set[str]:
+        """Every model deployed, ready or not (the router answers 503 for one not ready, not 404)."""
+        return {s.id for s in self.apps.values()}
+
     async def endpoints(self, unreachable: frozenset[str] = frozenset()) -> Sequence[Endpoint]:
         """A replica's URL is asked of it once, and again only when the router could not reach it."""
         for app in [a for a in self._urls if a not in self.apps or a in unreachable]:
@@ -165,8 +180,11 @@ class RayEndpoints:
 
     async def _url(self, app: str) -> str | None:
         try:
-            handle = self._handles.get(app) or self._handles.setdefault(app, serve.get_app_handle(app))
-            return await asyncio.wait_for(handle.url.remote(), timeout=1.0)
-        except Exception:  # not deployed yet, still starting, restarting, or deleted: none this time
+            if app not in self._handles:  # a blocking call to Serve's controller: off the event loop
+                self._handles[app] = await asyncio.to_thread(serve.get_app_handle, app)
+            return await asyncio.wait_for(self._handles[app].url.remote(), timeout=1.0)
+        except asyncio.TimeoutError:  # still starting, or restarting: ask again next time
+            return None
+        except Exception:  # not deployed yet, or deleted: a fresh handle next time
             self._handles.pop(app, None)
             return None

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.conftest import free_port
-from tests.helpers import apt_binary
+from tests.helpers import apt_binary, stop_process
 
 
 @contextlib.contextmanager
@@ -35,12 +35,7 @@ def running_redis(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
                 time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

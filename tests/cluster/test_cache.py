@@ -126,7 +126,7 @@ def test_a_redis_that_does_not_answer_costs_one_timeout_then_its_back_off_costs_
         (first, t_first), (second, t_second), (_, t_put) = timed(cache, "get", "get", "put")
     assert first is None and second is None
     assert 0.2 <= t_first < 1.0  # the 0.25 s read timeout, once
-    assert t_second < 0.05 and t_put < 0.05  # in the back-off: Redis is not asked
+    assert t_second < 0.15 and t_put < 0.15  # in the back-off: Redis is not asked (a timeout would be >= 0.25)
     assert cache.stats.bypassed == 3
 
 

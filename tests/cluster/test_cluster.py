@@ -111,6 +111,7 @@ def test_the_conformance_suite_passes_through_the_router(cluster: Cluster, name:
 def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_prefix_cache(cluster: Cluster) -> None:
     urls = replica_urls(cluster)
     before = {n: scheduler(u)["prefix_cache_hits"] for n, u in urls.items()}
+    affine = cluster.health()["policy"]["num_affine"]
     landed = [cluster.complete(f"{SHARED} Question {i}: why?", temperature=0.7).headers["x-stepserve-replica"]
               for i in range(4)]
     assert len(set(landed)) == 1, landed
@@ -118,7 +119,7 @@ def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_prefix_cache(
     after = {n: scheduler(u)["prefix_cache_hits"] for n, u in urls.items()}
     assert after[home] - before[home] >= 3 * 48  # three later requests found >= 3 blocks each
     assert all(after[n] == before[n] for n in urls if n != home)
-    assert cluster.health()["policy"]["num_affine"] >= 4
+    assert cluster.health()["policy"]["num_affine"] - affine >= 3  # the first may be new; the rest matched it
 
 
 def needs_redis(cluster: Cluster) -> None:
@@ -150,7 +151,7 @@ def test_a_deterministic_request_is_answered_from_redis_the_second_time_streamed
     assert cluster.health()["cache"]["hits"] >= 2 and cluster.health()["cache"]["stored"] >= 2
 
 
-def test_the_router_bounds_requests_in_flight_and_admin_needs_the_token(cluster: Cluster) -> None:
+def test_admin_needs_the_token_and_names_bad_fields_and_unknown_models(cluster: Cluster) -> None:
     assert httpx.post(cluster.url + "/admin/models", json={"model": "tiny-llama", "step": "step04_kvcache"}).status_code == 401
     bad = {"step": {"model": "tiny-llama", "step": "step99_magic"}, "model": {"model": "no-such-model", "step": "step04_kvcache"},
            "replicas": {"model": "tiny-llama", "step": "step04_kvcache", "replicas": 0},
@@ -211,8 +212,8 @@ def test_a_killed_replica_fails_its_stream_cleanly_is_replaced_and_no_later_requ
     assert json.loads(rest[-1][6:])["error"]["code"] == "replica_down"  # ended in-band, retriable
     codes = [cluster.complete(f"after the kill {i}").status_code for i in range(8)]
     assert codes == [200] * 8
-    h = cluster.wait_healthy(120, until=lambda h: h["replicas"].get(victim, {}).get("url") not in (None, urls[victim]))
-    assert h["replicas"][victim]["healthy"]
+    # healthy again (every replica ready), the victim at a new URL: Ray replaced it
+    cluster.wait_healthy(120, until=lambda h: h["replicas"].get(victim, {}).get("url") not in (None, urls[victim]))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # new prompts spread by load: the victim serves again
         got = list(pool.map(lambda i: cluster.complete(f"{i} back again", max_tokens=64, ignore_eos=True), range(4)))
     assert all(r.status_code == 200 for r in got) and victim in {r.headers["x-stepserve-replica"] for r in got}

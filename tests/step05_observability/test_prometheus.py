@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.helpers import apt_binary
+from tests.helpers import apt_binary, stop_process
 from tests.step05_observability.test_ops import dashboard_exprs
 
 STEP, MODEL = "step05_observability", "tiny-llama"
@@ -45,12 +45,7 @@ def prometheus(servers, tmp_path: Path) -> Iterator[tuple[str, str]]:
         wait_for(lambda: query(url, 'up{job="step05"}') == 1.0, 30, lambda: "Prometheus never scraped step 05")
         yield url, server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15.0)
         log.close()
 
 
