@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -21,57 +19,11 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "cluster" / "k8s"
-KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37.0 ships
-NAMESPACE = "stepserve"
-KUSTOMIZATION = "kustomization.yaml"  # kustomize's own file, not a Kubernetes object: no schema
-MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != KUSTOMIZATION)
-TIERS = ("quality", "fast")
+from tests.cluster.k8s_manifests import (ALL, DOCS, K8S, KUBERNETES_VERSION, KUSTOMIZATION, MANIFESTS, NAMESPACE,
+                                         ROOT, TIERS, containers, load, module_and_flags, of_kind,
+                                         replica_deployments, router)
 
 
-def load(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d is not None]
-
-
-DOCS = {name: load(name) for name in MANIFESTS}
-ALL = [d for docs in DOCS.values() for d in docs]
-
-
-def of_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in ALL if d["kind"] == kind}
-
-
-def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
-    return deployment["spec"]["template"]["spec"]["containers"]
-
-
-def module_and_flags(command: list[str]) -> tuple[str, list[tuple[str, str | None]]]:
-    """``python -m X --a 1 --b 2`` -> ("X", [("--a", "1"), ("--b", "2")]); repeated flags kept."""
-    assert command[:2] == ["python", "-m"], command
-    module, rest, flags = command[2], command[3:], []
-    i = 0
-    while i < len(rest):
-        assert rest[i].startswith("--"), f"{module}: {rest[i]!r} is not a flag"
-        value = rest[i + 1] if i + 1 < len(rest) and not rest[i + 1].startswith("--") else None
-        flags.append((rest[i], value))
-        i += 1 if value is None else 2
-    return module, flags
-
-
-def replica_deployments() -> dict[str, dict[str, Any]]:
-    return {name: d for name, d in of_kind("Deployment").items()
-            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "replica"}
-
-
-def router() -> dict[str, Any]:
-    routers = [d for d in of_kind("Deployment").values()
-               if module_and_flags(containers(d)[0]["command"])[0] == "cluster.router"]
-    assert len(routers) == 1
-    return routers[0]
-
-
-# ---- schema ---------------------------------------------------------------------------------------
 
 
 def test_the_schema_version_is_one_kubernetes_validate_ships() -> None:
@@ -278,98 +230,3 @@ def test_router_service_fronts_the_router_pods() -> None:
 
 
 # ---- the commands name real modules and flags -----------------------------------------------------
-
-
-def commands() -> list[list[str]]:
-    return [c["command"] for d in of_kind("Deployment").values() for c in containers(d)]
-
-
-@pytest.mark.parametrize("command", commands(), ids=lambda c: c[2])
-def test_each_command_runs_a_real_module(command: list[str]) -> None:
-    module, _ = module_and_flags(command)
-    spec = importlib.util.find_spec(module)
-    assert spec is not None, f"python -m {module}: no such module"
-    if spec.submodule_search_locations is not None:  # a package runs its __main__
-        assert any((Path(p) / "__main__.py").is_file() for p in spec.submodule_search_locations), module
-
-
-def _module_file(dotted: str) -> Path:
-    path = ROOT / Path(*dotted.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-
-
-def _literal(node: ast.expr, constants: dict[str, ast.expr]) -> Any:
-    """A tuple of strings, with ``*NAME`` of a module-level tuple spliced in (``("auto", *SCHEMES)``)."""
-    if isinstance(node, (ast.Tuple, ast.List)):
-        out: list[Any] = []
-        for e in node.elts:
-            out.extend(_literal(e.value, constants) if isinstance(e, ast.Starred) else [_literal(e, constants)])
-        return tuple(out)
-    if isinstance(node, ast.Name):
-        return _literal(constants[node.id], constants)
-    return ast.literal_eval(node)
-
-
-def _config_fields(module: str, cls: str) -> dict[str, tuple[str, tuple[str, ...] | None]]:
-    """``cls``'s flag fields in ``module``: name -> (annotation, choices or None)."""
-    tree = ast.parse(_module_file(module).read_text())
-    constants = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
-                 if isinstance(t, ast.Name)}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            fields = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.value, ast.Call) \
-                        and getattr(item.value.func, "id", None) == "flag_field":
-                    choices = next((_literal(k.value, constants) for k in item.value.keywords
-                                    if k.arg == "choices"), None)
-                    fields[item.target.id] = (ast.unparse(item.annotation), choices)
-            return fields
-    # re-exported: follow the module's own import of the name
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and any(a.name == cls for a in node.names):
-            return _config_fields(node.module, cls)
-    raise AssertionError(f"{cls} not found in {module}")
-
-
-def step_flags(step: str) -> dict[str, tuple[str, tuple[str, ...] | None]]:
-    """Every ``--flag`` of ``python -m <step>``: ModelConfig's and ServerConfig's (shared/config.py,
-    always added by build_parser) and those of the config classes its __main__ passes to run_step."""
-    main = ROOT / step / "__main__.py"
-    assert main.is_file(), f"python -m {step}: no {step}/__main__.py"
-    tree = ast.parse(main.read_text())
-    imports = {a.asname or a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_step"]
-    assert len(calls) == 1, f"{step}/__main__.py: run_step called {len(calls)} times"
-    classes = [("shared.config", "ModelConfig"), ("shared.config", "ServerConfig")]
-    classes += [(imports[a.id], a.id) for a in calls[0].args[3:] if isinstance(a, ast.Name)]
-    assert len(classes) > 2, f"{step}: no config classes passed to run_step"
-    flags = {}
-    for module, cls in classes:
-        flags.update({"--" + name.replace("_", "-"): info for name, info in _config_fields(module, cls).items()})
-    return flags
-
-
-def test_step_commands_pass_only_flags_the_step_defines_with_valid_values() -> None:
-    checked = 0
-    for name, deployment in replica_deployments().items():
-        module, flags = module_and_flags(containers(deployment)[0]["command"])
-        known = step_flags(module)
-        for flag, value in flags:
-            assert flag in known, f"{name}: python -m {module} has no {flag}"
-            kind, choices = known[flag]
-            assert value is not None or kind == "bool", f"{name}: {flag} needs a value"
-            if choices is not None:
-                assert value in choices, f"{name}: {flag} {value} not in {choices}"
-            if kind in ("int", "float"):
-                {"int": int, "float": float}[kind](value)  # raises if it would not parse
-            checked += 1
-    assert checked >= 10
-
-
-def test_flag_reader_rejects_a_flag_the_step_lacks() -> None:
-    """The check above can fail: step 07 has no --quantization (step 08 adds it), int4 is a step 08 scheme."""
-    assert "--quantization" not in step_flags("step07_paged_kv")
-    assert "int4" in step_flags("step08_quant")["--quantization"][1]
-    assert "bogus" not in step_flags("step08_quant")["--quantization"][1]
-    assert step_flags("step07_paged_kv")["--threads"][0] == "int"
