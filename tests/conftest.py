@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from engines_compare.targets import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
          "step05_observability", "step06_backpressure", "step07_paged_kv", "step08_quant", "step09_speculative",
@@ -55,7 +57,7 @@ class Server:
         self.log = log_dir / f"{step}-{model}-{self.port}.log"
         cmd = [sys.executable, "-m", step, "--model", model, "--port", str(self.port), "--log-level", "warning", *flags]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -71,11 +73,7 @@ class Server:
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 15.0)  # the server and anything it started (step 11's workers)
 
 
 @pytest.fixture(scope="session")

@@ -108,12 +108,3 @@ def apt_binary(binary: str, package: str, timeout_s: float = 900.0) -> str:
             return found
     pytest.skip(f"{binary} is not installed and `apt-get install {package}` failed here")
 
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Terminate ``proc``, and kill it if it has not exited within ``timeout_s``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from tests.conftest import free_port
-from tests.helpers import apt_binary, stop_process
+from engines_compare.targets import stop_process
+from tests.helpers import apt_binary
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def running_redis(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     log = (tmp / "redis.log").open("w")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp)], stdout=log, stderr=subprocess.STDOUT)
+                             "--dir", str(tmp)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -35,7 +36,7 @@ def running_redis(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
                 time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
-        stop_process(proc)
+        stop_process(proc, 10.0)
         log.close()
 
 

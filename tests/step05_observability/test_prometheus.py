@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.helpers import apt_binary, stop_process
+from engines_compare.targets import stop_process
+from tests.helpers import apt_binary
 from tests.step05_observability.test_ops import dashboard_exprs
 
 STEP, MODEL = "step05_observability", "tiny-llama"
@@ -38,7 +39,7 @@ def prometheus(servers, tmp_path: Path) -> Iterator[tuple[str, str]]:
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                              f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: ok(url + "/-/ready"), 60,
                  lambda: f"Prometheus not ready: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
