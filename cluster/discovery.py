@@ -33,8 +33,13 @@ class Discovery(Protocol):
         a discovery that caches may look up afresh (a restarted replica has a new URL)."""
         ...
 
+    def model_ids(self) -> set[str]:
+        """Models deployed but perhaps not ready yet (the router answers 503 for those, not 404);
+        empty where discovery cannot know (the router learns a model from the replica's ``/v1/models``)."""
+        return set()
 
-class StaticEndpoints:
+
+class StaticEndpoints(Discovery):
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         self._endpoints = tuple(endpoints)
 
@@ -62,7 +67,7 @@ def static_from_flags(values: Sequence[str]) -> StaticEndpoints:
     return StaticEndpoints(found)
 
 
-class DnsPools:
+class DnsPools(Discovery):
     def __init__(self, pools: Sequence[str]) -> None:
         """``pools``: ``TIER=HOST:PORT`` each."""
         self.pools: list[tuple[str, str, int]] = []

@@ -105,7 +105,7 @@ class Router:
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             return error(400, "model: a string is required", "invalid_request", param="model")
-        known = set(models) | set(getattr(self.discovery, "model_ids", lambda: ())())
+        known = set(models) | self.discovery.model_ids()
         if name is not None and name not in known:
             return error(404, f"The model `{name}` does not exist.", "model_not_found", param="model")
         if name is None and models:

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import httpx
 from ray import serve
 
-from cluster.discovery import Endpoint
+from cluster.discovery import Discovery, Endpoint
 
 REPO = Path(__file__).resolve().parent.parent  # on a remote node: Ray's copy of the working dir
 START_TIMEOUT_S = 900.0
@@ -153,7 +153,7 @@ def app_name(spec: ReplicaSpec, index: int) -> str:
     return f"{spec.id}.{spec.tier}.{index}"
 
 
-class RayEndpoints:
+class RayEndpoints(Discovery):
     """The router's discovery over Serve applications: each application's replica tells its URL."""
 
     def __init__(self) -> None:
@@ -165,7 +165,7 @@ class RayEndpoints:
         return len(self.apps)
 
     def model_ids(self) -> set[str]:
-        """Every model deployed, ready or not (the router answers 503 for one not ready, not 404)."""
+        """Every model the manager deployed, ready or not."""
         return {s.id for s in self.apps.values()}
 
     async def endpoints(self, unreachable: frozenset[str] = frozenset()) -> Sequence[Endpoint]:

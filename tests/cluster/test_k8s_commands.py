@@ -13,7 +13,6 @@ import pytest
 from tests.cluster.k8s_manifests import ROOT, containers, module_and_flags, of_kind, replica_deployments
 
 
-
 def commands() -> list[list[str]]:
     return [c["command"] for d in of_kind("Deployment").values() for c in containers(d)]
 
