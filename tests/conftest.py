@@ -8,7 +8,6 @@ stops one early (the real-model servers, which are too big to keep together). GP
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
-from engines_compare.targets import stop_process
+from engines_compare.targets import free_port, stop_process  # free_port: the tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("step00_baseline", "step01_loader", "step02_queue", "step03_batching", "step04_kvcache",
@@ -42,12 +41,6 @@ EXACT_FLAGS: dict[str, tuple[str, ...]] = {
     # two ranks (one core each), compiled: token for token the one-rank engine's, hence transformers'
     "step11_multigpu": ("--tensor-parallel-size", "2", "--quantization", "none", "--speculative-max-verify-tokens",
                         "0", *SMALL_POOL)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
